@@ -1,0 +1,1 @@
+"""Streamlit dashboard (imports streamlit/plotly lazily)."""

@@ -1,0 +1,137 @@
+"""``harness`` command line: thin parsing, one function per command.
+
+Bad input ends with ``error: <one line>`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.store import DEFAULT_DB
+
+log = logging.getLogger("harness")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}") from None
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=os.environ.get("HARNESS_DB", DEFAULT_DB),
+                   help=f"SQLAlchemy URL of the results database (default {DEFAULT_DB})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness", description="Quantize causal LMs to 3/2/1 bits and compare methods.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="quantize, evaluate and store runs")
+    p.add_argument("experiment", nargs="?", help="experiment YAML file (grid of runs)")
+    p.add_argument("--methods", type=_csv, help="comma list, e.g. rtn,bitdistiller,onebit")
+    p.add_argument("--model", default=None, help="smollm2-135m (default), tiny-llama, HF id or path")
+    p.add_argument("--bits", type=_ints, help="weight bits, comma list allowed (e.g. 3,2)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group along inputs; -1 = per row; default 128 if it "
+                        "divides every layer, else 64/32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config override (JSON value), e.g. --set loss=rkl --set train.steps=10")
+    p.add_argument("--profile", choices=["quick", "full"], default=None,
+                   help="quick (CPU default) or full (GPU default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=None, help="lm-eval tasks after perplexity (comma list)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--max-eval-tokens", type=int, default=None,
+                   help="cap held-out tokens for perplexity")
+    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default 2048)")
+    p.add_argument("--output-dir", default="runs", help="run folders (checkpoints, packed models)")
+    p.add_argument("--scheduler", choices=["inline", "ray"], default=None,
+                   help="ray (default for experiment files) or inline (in-process)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    p.add_argument("--gpus-per-run", type=float, default=None, help="GPUs per Ray task (fractions ok)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--force", action="store_true", help="rerun finished runs too")
+    p.add_argument("--no-fp", action="store_true", help="skip the full-precision reference run")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_db(p)
+
+    p = sub.add_parser("methods", help="list registered methods and their config fields")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="list stored runs")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--status", choices=["running", "finished", "failed", "pending"])
+    _add_db(p)
+
+    p = sub.add_parser("show", help="one run: spec, metrics, memory, error")
+    p.add_argument("run", help="run id or run key (prefix)")
+    p.add_argument("--json", action="store_true")
+    _add_db(p)
+
+    p = sub.add_parser("export", help="write a stored run's model: HF checkpoint and packed file")
+    p.add_argument("run")
+    p.add_argument("dir")
+    p.add_argument("--packed", action="store_true", help="only the packed safetensors file")
+    _add_db(p)
+
+    p = sub.add_parser("eval", help="perplexity (and tasks) of a stored run on any text")
+    p.add_argument("run")
+    p.add_argument("--text", help="text file to compute perplexity on (default: held-out plays)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default=None)
+    _add_db(p)
+
+    p = sub.add_parser("gen-data", help="generate (and cache) teacher continuations")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--profile", choices=["quick", "full"], default=None)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("dashboard", help="Streamlit dashboard on 127.0.0.1 (read-only)")
+    p.add_argument("--port", type=int, default=8501)
+    _add_db(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from harness import commands
+
+    try:
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "Path", "json"]

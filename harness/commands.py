@@ -1,0 +1,226 @@
+"""Implementations of the CLI commands (``cmd_<name>(args) -> exit code``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+
+def _parse_sets(items: list[str]) -> dict:
+    """``--set a.b=1`` -> ``{"a": {"b": 1}}``; values parsed as JSON, else kept as strings."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise HarnessError(f"--set {item!r} is not KEY=VALUE; e.g. --set loss=rkl")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _specs_from_flags(args) -> list:
+    from harness.config import default_profile
+    from harness.models import decoder_in_features
+    from harness.plan import build_spec
+
+    if not args.methods:
+        raise HarnessError("nothing to run; pass --methods (e.g. --methods rtn) or an experiment file")
+    model = args.model or "smollm2-135m"
+    profile = args.profile or default_profile()
+    in_features = decoder_in_features(model)
+    overrides = _parse_sets(args.set)
+    if args.group_size is not None:
+        overrides["group_size"] = args.group_size
+    eval_over = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len,
+                 "tasks": args.tasks, "limit": args.limit}
+    specs = []
+    for method in args.methods:
+        for bits in args.bits or [None]:
+            over = dict(overrides)
+            if bits is not None:
+                over["bits"] = bits
+            spec = build_spec(model, method, over, profile, args.seed, eval_over, in_features)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def cmd_run(args) -> int:
+    from harness.plan import fp_reference
+    from harness.report import RESULT_HEADERS, result_rows, table
+    from harness.scheduler import execute
+    from harness.store import Store
+
+    experiment_id = None
+    if args.experiment:
+        from harness.experiments import load_experiment
+
+        exp = load_experiment(args.experiment, cli_args=args)
+        specs, scheduler, name = exp.specs, args.scheduler or exp.scheduler, exp.name
+    else:
+        specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
+    store = Store(args.db)
+    if name:
+        experiment_id = store.experiment_id(name, Path(args.experiment).read_text())
+    if not args.no_fp:
+        refs = []
+        for spec in specs:
+            ref = fp_reference(spec)
+            if ref not in refs and ref not in specs:
+                refs.append(ref)
+        specs = refs + specs
+    _announce(specs)
+    outcomes = execute(specs, store, args.output_dir, scheduler=scheduler, force=args.force,
+                       device=args.device, experiment_id=experiment_id,
+                       ray_address=getattr(args, "ray_address", None),
+                       gpus_per_run=args.gpus_per_run or 0.0)
+    entries = [store.run_as_dict(store.get_run(o.run_id)) for o in outcomes]
+    fp_ppl = {e["model"]: e["metrics"].get("ppl") for e in entries if e["method"] == "fp"}
+    for e in store.runs("finished"):
+        if e.method == "fp" and e.model not in fp_ppl:
+            fp_ppl[e.model] = store.metric_dict(e.id).get("ppl")
+    if args.json:
+        print(json.dumps(entries, indent=2, default=str))
+    else:
+        print()
+        print(table(RESULT_HEADERS, result_rows(entries, fp_ppl)))
+        skipped = sum(o.status == "skipped" for o in outcomes)
+        if skipped:
+            print(f"({skipped} run(s) already finished were reused; --force reruns them)")
+        _print_eval_note(specs)
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        print(f"run {o.spec.run_key} ({o.spec.method}) failed: {o.error.splitlines()[0]}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _announce(specs) -> None:
+    for spec in specs:
+        g = spec.group_size
+        detail = f"bits={spec.bits} group={g}" if spec.bits is not None else "full precision"
+        print(f"[{spec.run_key}] {spec.method:12s} {spec.model} {detail} profile={spec.profile}",
+              file=sys.stderr)
+
+
+def _print_eval_note(specs) -> None:
+    spec = specs[0]
+    cap = spec.eval.max_tokens
+    scope = f"first {cap:,} held-out tokens" if cap else "all held-out tokens"
+    print(f"PPL: {scope} of the Shakespeare evaluation plays, windows of {spec.eval.seq_len} "
+          f"(profile {spec.profile}).")
+
+
+def cmd_methods(args) -> int:
+    from harness.registry import METHODS, get_method
+
+    rows = []
+    for name in METHODS.names():
+        cls = get_method(name)
+        fields = {}
+        for fname, field in cls.Config.model_fields.items():
+            default = field.default if field.default_factory is None else field.default_factory()
+            if hasattr(default, "model_dump"):
+                default = default.model_dump()
+            fields[fname] = default
+        rows.append({"name": name, "description": cls.summary(), "config": fields})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        print(f"{row['name']:14s} {row['description']}")
+        for k, v in row["config"].items():
+            print(f"    {k} = {json.dumps(v, default=str)}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from harness.report import fmt_num, table
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    runs = store.runs(args.status)
+    if args.json:
+        print(json.dumps([store.run_as_dict(r) for r in runs], indent=2, default=str))
+        return 0
+    if not runs:
+        print("no runs yet; try: harness run --methods rtn --bits 3")
+        return 0
+    rows = []
+    for r in runs:
+        m = store.metric_dict(r.id)
+        rows.append([r.id, r.run_key, r.method, r.model, fmt_num(r.bits), fmt_num(r.group_size),
+                     fmt_num(m.get("ppl")), fmt_num(m.get("size_mb")), r.status])
+    print(table(["id", "run", "method", "model", "bits", "group", "PPL", "size MB", "status"], rows))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from harness.report import fmt_num
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    run = store.get_run(args.run)
+    data = store.run_as_dict(run)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"run {run.run_key} (id {run.id}): {run.method} on {run.model}, status {run.status}")
+    if run.error:
+        print(f"error: {run.error}")
+    print("spec:", json.dumps(run.spec, sort_keys=True))
+    print(f"wall time: {fmt_num(run.wall_s, 1)} s  device: {run.device}  host: {run.host}")
+    print("metrics:")
+    for key, value in sorted(data["metrics"].items()):
+        print(f"  {key:28s} {fmt_num(value, 4)}")
+    for kind, path in data["artifacts"].items():
+        print(f"artifact {kind}: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from harness.export import export_run
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    written = export_run(store, store.get_run(args.run), Path(args.dir), packed_only=args.packed)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from harness.export import evaluate_stored_run
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    result = evaluate_stored_run(store, store.get_run(args.run), text_file=args.text,
+                                 seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                 tasks=args.tasks, limit=args.limit, device=args.device)
+    print(f"ppl={result['ppl']:.4f} tokens={result['tokens']}")
+    for key, value in result.items():
+        if key not in ("ppl", "tokens"):
+            print(f"{key}={value}")
+    return 0
+
+
+def cmd_gen_data(args) -> int:
+    from harness.train.teacher_data import generate_cli
+
+    return generate_cli(args)
+
+
+def cmd_dashboard(args) -> int:
+    from dashboard.launch import launch
+
+    return launch(args.db, args.port)

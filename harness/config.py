@@ -1,0 +1,167 @@
+"""Run specs and profiles: typed, validated, hashed.
+
+A run is identified by the hash of its normalised spec (method config with every default
+filled in, profile values resolved), so resume means "a finished run with this hash exists".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import HarnessError
+
+SCHEMA_VERSION = 1
+
+
+class EvalSpec(BaseModel):
+    """What to evaluate after quantization."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq_len: int = Field(2048, gt=0, description="perplexity window (papers: 2048)")
+    max_tokens: int | None = Field(None, gt=0, description="cap on held-out tokens (None = all)")
+    tasks: tuple[str, ...] = Field((), description="lm-eval tasks run after perplexity")
+    limit: int | None = Field(None, gt=0, description="examples per task (quick checks)")
+
+
+class TrainDefaults(BaseModel):
+    """Per-profile training budget, applied under a method's own training settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int = 1
+    teacher_samples: int
+    teacher_new_tokens: int
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    eval: EvalSpec
+    train: TrainDefaults
+
+
+PROFILES: dict[str, Profile] = {
+    # CPU default: SmolLM2 evaluates ~450 tokens/s on 2 cores, a 4x256 training step takes
+    # seconds, so a method finishes in minutes. 16,384 held-out tokens = 8 windows of 2048.
+    "quick": Profile(
+        name="quick",
+        description="CPU-sized: first 16,384 held-out tokens, short training",
+        eval=EvalSpec(seq_len=2048, max_tokens=16384),
+        train=TrainDefaults(steps=40, batch_size=4, seq_len=256, teacher_samples=64,
+                            teacher_new_tokens=256),
+    ),
+    # GPU default: the whole held-out set and a training budget of tens of GPU-minutes.
+    "full": Profile(
+        name="full",
+        description="GPU-sized: whole held-out set, long training",
+        eval=EvalSpec(seq_len=2048, max_tokens=None),
+        train=TrainDefaults(steps=1500, batch_size=8, seq_len=1024, teacher_samples=2048,
+                            teacher_new_tokens=1024),
+    ),
+}
+
+
+def default_profile() -> str:
+    import torch
+
+    return "full" if torch.cuda.is_available() else "quick"
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise HarnessError(f"unknown profile {name!r}; use one of: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+class RunSpec(BaseModel):
+    """Everything that determines a run's result. Its hash is the run's identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    method: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalSpec
+    profile: str = "quick"
+    seed: int = 0
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        get_profile(v)
+        return v
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @property
+    def run_key(self) -> str:
+        """Short, stable identity shown to users (first 12 hex digits of the hash)."""
+        return self.spec_hash()[:12]
+
+    def method_config(self):
+        from harness.registry import get_method
+
+        return get_method(self.method).Config(**self.config)
+
+    @property
+    def bits(self) -> int | None:
+        return _find(self.config, "bits")
+
+    @property
+    def group_size(self) -> int | None:
+        return _find(self.config, "group_size")
+
+    @property
+    def fmt(self) -> str | None:
+        return _find(self.config, "fmt")
+
+
+def _find(config: dict[str, Any], key: str):
+    if key in config:
+        return config[key]
+    for value in config.values():
+        if isinstance(value, dict) and key in value:
+            return value[key]
+    return None
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    """One line from a pydantic error: which field, what is wrong, what is allowed."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or what
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            parts.append(f"{loc}: {err['msg']}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def validate_method_config(method_cls, values: dict[str, Any]):
+    """Builds ``method_cls.Config(**values)`` turning validation errors into one line."""
+    try:
+        return method_cls.Config(**values)
+    except ValidationError as exc:
+        fields = ", ".join(method_cls.Config.model_fields)
+        raise HarnessError(
+            format_validation_error(exc, f"{method_cls.name} config")
+            + f" (valid keys: {fields})"
+        ) from None
+
+
+Scheduler = Literal["inline", "ray"]

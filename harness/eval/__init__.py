@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, memory, accuracy (lm-eval, imported lazily)."""

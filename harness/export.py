@@ -1,0 +1,180 @@
+"""Saving, loading and exporting quantized models.
+
+The packed file (safetensors) holds what a method produced: every quantized module's packed
+tensors plus the full-precision parameters a method may have changed (norms, biases). The
+embeddings and lm_head are never quantized or trained, so they are not copied into each run's
+file; the loader takes them from the base model named in the file's metadata and checks that
+model is the one the file was made from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+
+PACKED_FILE = "packed.safetensors"
+FORMAT_VERSION = "1"
+
+
+def _is_base_only(name: str) -> bool:
+    return "embed_tokens" in name or name.startswith("lm_head") or "embed_positions" in name
+
+
+def _module_specs(model: nn.Module) -> dict[str, dict]:
+    from harness.quant.modules import quantized_modules
+
+    specs = {}
+    for name, module in quantized_modules(model):
+        specs[name] = {"type": type(module).__name__, **module.packed_spec()}
+    return specs
+
+
+def _base_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the base model: shapes and a checksum of the embedding."""
+    emb = model.get_input_embeddings().weight
+    return f"{tuple(emb.shape)}:{float(emb.detach().double().sum()):.6e}"
+
+
+def save_packed(model: nn.Module, spec, run_dir: Path) -> Path:
+    """Writes ``run_dir/packed.safetensors`` and returns its path."""
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+               if not _is_base_only(k)}
+    meta = {"format_version": FORMAT_VERSION, "model": spec.model, "run_key": spec.run_key,
+            "spec": spec.canonical_json(), "modules": json.dumps(_module_specs(model)),
+            "base_fingerprint": _base_fingerprint(model)}
+    path = run_dir / PACKED_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def _empty_module(spec: dict) -> nn.Module:
+    kind = spec["type"]
+    if kind == "QuantLinear":
+        from harness.quant.linear import QuantLinear
+
+        return QuantLinear.from_packed_spec(spec)
+    if kind == "OneBitLinear":
+        from harness.quant.onebit import OneBitLinear
+
+        return OneBitLinear.from_packed_spec(spec)
+    raise HarnessError(f"packed file holds an unknown module type {kind!r}; upgrade lowbit-harness")
+
+
+def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None):
+    """Rebuilds a packed model from ``path``: base model + packed modules + saved parameters.
+
+    Raises:
+        HarnessError: missing file, or a file made from another base model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from harness.models import load_model
+    from harness.quant.modules import replace_linears
+
+    path = Path(path)
+    if not path.exists():
+        raise HarnessError(f"packed file {path} does not exist; rerun the run or check --output-dir")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "modules" not in meta:
+        raise HarnessError(f"{path} is not a lowbit-harness packed file (no metadata)")
+    name = model_name or meta["model"]
+    model, tok = load_model(name, device=device)
+    if _base_fingerprint(model) != meta.get("base_fingerprint"):
+        raise HarnessError(f"{path} was made from model {meta['model']!r}, not {name!r}; "
+                           f"load it with the model it was quantized from")
+    specs = json.loads(meta["modules"])
+    replace_linears(model, list(specs), lambda n, _lin: _empty_module(specs[n]))
+    state = load_file(str(path), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_base_only(k)]
+    if missing or unexpected:
+        raise HarnessError(f"{path} does not match model {name!r} (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}); load it with its own base model")
+    return model.to(device).eval(), tok, meta
+
+
+def _run_packed_path(store, run) -> Path:
+    path = store.artifacts(run.id).get("packed")
+    if run.method == "fp":
+        raise HarnessError(f"run {run.run_key} is the full-precision reference; export the base "
+                           f"model {run.model!r} directly")
+    if run.status != "finished" or not path:
+        raise HarnessError(f"run {run.run_key} has no packed model (status {run.status}); "
+                           f"finish it first with `harness run`")
+    return Path(path)
+
+
+def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Path]:
+    """Writes the packed file and (unless ``packed_only``) a plain HF checkpoint to ``out_dir``.
+
+    The HF checkpoint holds dequantized weights that ``AutoModelForCausalLM.from_pretrained``
+    loads without this package. OneBit layers are not linear maps of a dense weight (a
+    LayerNorm sits inside), so they export as the packed file only.
+    """
+    import shutil
+
+    src = _run_packed_path(store, run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / PACKED_FILE]
+    shutil.copyfile(src, written[0])
+    if packed_only:
+        return written
+    model, tok, _meta = load_packed(src)
+    from harness.quant.modules import quantized_modules, replace_linears
+
+    modules = dict(quantized_modules(model))
+    if any(not hasattr(m, "to_linear") for m in modules.values()):
+        kinds = sorted({type(m).__name__ for m in modules.values()})
+        raise HarnessError(f"run {run.run_key} uses {', '.join(kinds)}, which has no dense "
+                           f"Hugging Face form; use `harness export {run.run_key} DIR --packed` "
+                           f"and load it with harness.export.load_packed")
+    replace_linears(model, list(modules), lambda n, _m: modules[n].to_linear())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    written.append(out_dir / "config.json")
+    return written
+
+
+def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int = 2048,
+                        max_tokens: int | None = None, tasks: str | None = None,
+                        limit: int | None = None, device: str | None = None) -> dict:
+    """Perplexity (and optional tasks) of a stored run's model on a text file."""
+    from harness import data
+    from harness.eval.ppl import perplexity
+    from harness.models import load_model
+    from harness.runner import pick_device
+
+    dev = pick_device(device)
+    if run.method == "fp":
+        model, tok = load_model(run.model, device=dev)
+    else:
+        model, tok, _ = load_packed(_run_packed_path(store, run), device=dev)
+    if text_file:
+        p = Path(text_file)
+        if not p.is_file():
+            raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
+        text = p.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = data.split_text("eval")
+    res = perplexity(model, data.tokenize(tok, text), seq_len=seq_len, max_tokens=max_tokens,
+                     progress=True)
+    out = {"ppl": res.ppl, "tokens": res.tokens}
+    if tasks:
+        from harness.eval.accuracy import evaluate_tasks
+        from methods.base import NullRecorder
+
+        out.update(evaluate_tasks(model, tok, tuple(t for t in tasks.split(",") if t), limit,
+                                  NullRecorder()))
+    return out

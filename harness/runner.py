@@ -1,0 +1,168 @@
+"""Executes one run: load, prepare, train (if the method has an objective), finalize, evaluate.
+
+The same function runs in-process (``--scheduler inline``) and inside a Ray task; results go
+to a :class:`~methods.base.Recorder`, never straight to a database from a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from harness.config import RunSpec
+from harness.errors import HarnessError
+from methods.base import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def run_dir_for(output_dir: Path, spec: RunSpec) -> Path:
+    return Path(output_dir) / spec.run_key
+
+
+class _Timer:
+    def __init__(self, recorder, name: str) -> None:
+        self.recorder, self.name = recorder, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        if exc[0] is None:
+            self.recorder.metric(f"time_{self.name}_s", self.seconds)
+
+
+def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
+                  device: torch.device) -> RunContext:
+    """A RunContext whose expensive members (calibration, teacher, data) load on first use."""
+    from harness import data
+
+    cache: dict[str, object] = {}
+
+    def calibration() -> torch.Tensor:
+        if "calib" not in cache:
+            cfg = spec.config
+            seq = int(cfg.get("calib_seq_len", 512))
+            n = int(cfg.get("calib_samples", 16))
+            cache["calib"] = data.token_blocks(tokenizer, "calibration", seq, n, seed=spec.seed)
+        return cache["calib"]
+
+    def teacher():
+        if "teacher" not in cache:
+            from harness.models import load_model
+
+            t, _ = load_model(spec.model, device=device)
+            for p in t.parameters():
+                p.requires_grad_(False)
+            cache["teacher"] = t.eval()
+        return cache["teacher"]
+
+    def train_batches(source: str) -> torch.Tensor:
+        from harness.train.data import training_blocks
+
+        key = f"train:{source}"
+        if key not in cache:
+            cache[key] = training_blocks(spec, tokenizer, source, teacher, device)
+        return cache[key]
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunContext(spec=spec, device=device, tokenizer=tokenizer, recorder=recorder,
+                      run_dir=run_dir, calibration=calibration, teacher=teacher,
+                      train_batches=train_batches)
+
+
+def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -> dict:
+    """Paper-style perplexity on the held-out plays plus memory; returns the metrics."""
+    from harness import data
+    from harness.eval.memory import model_memory, peak_gpu_mb, peak_rss_mb
+    from harness.eval.ppl import perplexity
+
+    out: dict[str, float] = {}
+    mem = model_memory(model)
+    for name, value in mem.items():
+        recorder.metric(name, value)
+        out[name] = value
+    ids = data.tokenize(tokenizer, data.split_text("eval"))
+    res = perplexity(model, ids, seq_len=spec.eval.seq_len, max_tokens=spec.eval.max_tokens,
+                     progress=progress, desc=f"{spec.method} ppl")
+    capped = spec.eval.max_tokens is not None and spec.eval.max_tokens < ids.numel()
+    extra = dict(dataset="shakespeare-heldout", seq_len=spec.eval.seq_len, tokens=res.tokens,
+                 predicted=res.predicted, total_available=int(ids.numel()), capped=capped)
+    recorder.metric("ppl", res.ppl, **extra)
+    recorder.metric("ppl_tokens", res.tokens)
+    recorder.metric("eval_tokens_per_s", res.tokens / max(res.seconds, 1e-9))
+    out.update(ppl=res.ppl, ppl_tokens=res.tokens)
+    if spec.eval.tasks:
+        from harness.eval.accuracy import evaluate_tasks
+
+        out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder))
+    recorder.metric("peak_rss_mb", peak_rss_mb())
+    recorder.metric("peak_gpu_mb", peak_gpu_mb())
+    return out
+
+
+def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
+                device: str | None = None, progress: bool = True) -> dict:
+    """Runs ``spec`` end to end and returns its metrics.
+
+    Raises:
+        HarnessError: bad input discovered while running (the caller marks the run failed).
+    """
+    from harness.models import load_model
+    from harness.registry import get_method
+    from harness.train.trainer import train
+
+    dev = pick_device(device)
+    seed_everything(spec.seed)
+    method_cls = get_method(spec.method)
+    method = method_cls(spec.method_config())
+    run_dir = run_dir_for(Path(output_dir), spec)
+    with _Timer(recorder, "load"):
+        model, tokenizer = load_model(spec.model, device=dev)
+    ctx = build_context(spec, model, tokenizer, recorder, run_dir, dev)
+    with _Timer(recorder, "prepare"):
+        model = method.prepare(model, ctx)
+    objective = method.objective(ctx)
+    if objective is not None:
+        for name, value in objective.metrics.items():
+            recorder.metric(name, value)
+        with _Timer(recorder, "train"):
+            train(model, objective, method.config.train, ctx, progress=progress)
+    with _Timer(recorder, "finalize"):
+        model = method.finalize(model, ctx)
+    if method_cls.quantizes:
+        from harness.export import save_packed
+
+        path = save_packed(model, spec, run_dir)
+        recorder.artifact("packed", str(path))
+    with _Timer(recorder, "eval"):
+        metrics = evaluate(model, tokenizer, spec, recorder, progress=progress)
+    if not torch.isfinite(torch.tensor(metrics["ppl"])):
+        log.warning("%s: perplexity is not finite", spec.run_key)
+    return metrics
+
+
+__all__ = ["execute_run", "evaluate", "build_context", "pick_device", "HarnessError"]

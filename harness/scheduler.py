@@ -1,0 +1,110 @@
+"""Runs a list of specs: skip finished ones, run the rest, store every outcome.
+
+``inline`` executes in this process (no Ray import). ``ray`` (default where Ray is installed and
+more than one run is pending) sends one task per run; results come back to this driver, which
+alone writes the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.config import RunSpec
+from harness.errors import HarnessError
+from harness.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    run_id: int
+    status: str  # finished | failed | skipped
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for users; the traceback goes to the log (and the store for unexpected ones)."""
+    if isinstance(exc, HarnessError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
+               device: str | None, progress: bool) -> tuple[str, str | None, dict]:
+    from harness.recorders import StoreRecorder
+    from harness.runner import execute_run
+
+    try:
+        metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress)
+        return "finished", None, metrics
+    except KeyboardInterrupt:
+        store.end_run(run_id, "failed", "interrupted (KeyboardInterrupt); rerun to resume")
+        raise
+    except Exception as exc:  # one failed run never stops the others
+        log.debug("run %s failed", spec.run_key, exc_info=True)
+        detail = describe_error(exc)
+        if not isinstance(exc, HarnessError):
+            detail += "\n" + traceback.format_exc(limit=8)
+        return "failed", detail, {}
+
+
+def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
+            scheduler: str = "inline", force: bool = False, device: str | None = None,
+            progress: bool = True, experiment_id: int | None = None,
+            ray_address: str | None = None, gpus_per_run: float = 0.0) -> list[Outcome]:
+    """Runs every spec not already finished; returns one outcome per spec, in order.
+
+    Args:
+        specs: the runs (duplicates by hash are run once).
+        store: results database (only this process writes to it).
+        output_dir: run folders (checkpoints, packed models).
+        scheduler: ``inline`` or ``ray``.
+        force: rerun finished runs too.
+    """
+    output_dir = Path(output_dir)
+    unique: dict[str, RunSpec] = {}
+    for spec in specs:
+        unique.setdefault(spec.spec_hash(), spec)
+    outcomes: dict[str, Outcome] = {}
+    pending: list[RunSpec] = []
+    for h, spec in unique.items():
+        existing = store.find_run(h)
+        if existing is not None and existing.status == "finished" and not force:
+            outcomes[h] = Outcome(spec, existing.id, "skipped",
+                                  metrics=store.metric_dict(existing.id))
+        else:
+            pending.append(spec)
+    if scheduler == "ray" and pending:
+        from harness.ray_scheduler import run_with_ray
+
+        for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
+                                       ray_address, gpus_per_run).items():
+            outcomes[h] = outcome
+    else:
+        if scheduler not in ("inline", "ray"):
+            raise HarnessError(f"unknown scheduler {scheduler!r}; use inline or ray")
+        for spec in pending:
+            run = store.begin_run(spec, experiment_id, device=str(_device_name(device)))
+            start = time.perf_counter()
+            status, error, metrics = run_inline(spec, store, run.id, output_dir, device, progress)
+            store.end_run(run.id, status, error, time.perf_counter() - start)
+            outcomes[spec.spec_hash()] = Outcome(spec, run.id, status, error, metrics)
+    return [outcomes[s.spec_hash()] for s in specs]
+
+
+def _device_name(device: str | None) -> str:
+    from harness.runner import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return "cpu"

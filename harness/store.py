@@ -1,0 +1,372 @@
+"""The results store: SQLAlchemy 2.0 ORM over SQLite (default, WAL) or any SQLAlchemy URL.
+
+Only the driver process writes; Ray workers send results back (see ``harness.scheduler``).
+All queries go through the ORM: no SQL is built from strings.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from harness.errors import HarnessError
+
+DEFAULT_DB = "sqlite:///runs/harness.db"
+STATUSES = ("pending", "running", "finished", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str | None] = mapped_column(Text)  # YAML text or CLI line
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_key: Mapped[str] = mapped_column(String(12), unique=True, index=True)
+    spec_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    experiment_id: Mapped[int | None] = mapped_column(ForeignKey("experiments.id"))
+    method: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(300), index=True)
+    fmt: Mapped[str | None] = mapped_column(String(16))
+    bits: Mapped[int | None] = mapped_column(Integer)
+    group_size: Mapped[int | None] = mapped_column(Integer)
+    profile: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    spec: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    wall_s: Mapped[float | None] = mapped_column(Float)
+    versions: Mapped[dict | None] = mapped_column(JSON)
+    host: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    metrics: Mapped[list[Metric]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("run_id", "name", "task"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    # "" rather than NULL so the unique constraint holds on every backend.
+    task: Mapped[str] = mapped_column(String(100), default="")
+    value: Mapped[float | None] = mapped_column(Float)
+    extra: Mapped[dict | None] = mapped_column(JSON)
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class TrainStep(Base):
+    __tablename__ = "train_steps"
+    __table_args__ = (UniqueConstraint("run_id", "step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+
+
+class LayerStat(Base):
+    __tablename__ = "layer_stats"
+    __table_args__ = (UniqueConstraint("run_id", "layer", "module", "stat"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[str] = mapped_column(String(100))
+    module: Mapped[str] = mapped_column(String(100))
+    stat: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    path: Mapped[str] = mapped_column(Text)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+    except Exception:  # read-only connections cannot switch the journal mode
+        pass
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _bad_db(url: str, why: str) -> HarnessError:
+    return HarnessError(f"database {url!r} is unusable ({why}); pass a writable "
+                        f"--db such as {DEFAULT_DB} or postgresql+psycopg://user@host/db")
+
+
+def make_engine(url: str = DEFAULT_DB, readonly: bool = False) -> Engine:
+    """Creates an engine for ``url``; SQLite files get their folder, WAL and a busy timeout.
+
+    Raises:
+        HarnessError: malformed URL, missing driver, unreachable or unwritable database.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise _bad_db(url, "not a SQLAlchemy URL") from None
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = Path(db).expanduser()
+            if readonly:
+                if not path.exists():
+                    raise HarnessError(f"database file {path} does not exist; run `harness run` "
+                                       f"first or pass --db with an existing database")
+                url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+            else:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise _bad_db(url, f"cannot create {path.parent}: {exc.strerror}") from None
+        connect_args["timeout"] = 30
+    try:
+        engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError, ArgumentError) as exc:
+        raise _bad_db(url, f"{type(exc).__name__}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Store:
+    """Read/write access to the results database.
+
+    Args:
+        url: SQLAlchemy URL.
+        readonly: open without creating tables (dashboard, ``harness list``).
+    """
+
+    def __init__(self, url: str = DEFAULT_DB, readonly: bool = False) -> None:
+        self.url = url
+        self.engine = make_engine(url, readonly=readonly)
+        try:
+            if not readonly:
+                Base.metadata.create_all(self.engine)
+            with self.engine.connect():
+                pass
+        except (OperationalError, SQLAlchemyError) as exc:
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            raise _bad_db(url, reason) from None
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- runs --------------------------------------------------------------------------
+    def find_run(self, spec_hash: str) -> Run | None:
+        with self.session() as s:
+            return s.scalar(select(Run).where(Run.spec_hash == spec_hash))
+
+    def begin_run(self, spec, experiment_id: int | None = None, device: str | None = None) -> Run:
+        """Creates the run row, or resets a failed/interrupted one for a rerun (same identity).
+
+        Metrics of the earlier attempt are deleted (they are recomputed); train steps are kept so
+        a resumed training continues its curve.
+        """
+        from harness.versions import package_versions
+
+        h = spec.spec_hash()
+        with self.session() as s, s.begin():
+            run = s.scalar(select(Run).where(Run.spec_hash == h))
+            if run is None:
+                run = Run(run_key=h[:12], spec_hash=h, method=spec.method, model=spec.model,
+                          fmt=spec.fmt, bits=spec.bits, group_size=spec.group_size,
+                          profile=spec.profile, seed=spec.seed,
+                          spec=json.loads(spec.canonical_json()))
+                s.add(run)
+            else:
+                s.execute(delete(Metric).where(Metric.run_id == run.id))
+                s.execute(delete(Artifact).where(Artifact.run_id == run.id))
+            run.experiment_id = experiment_id if experiment_id is not None else run.experiment_id
+            run.status = "running"
+            run.error = None
+            run.started_at = utcnow()
+            run.finished_at = None
+            run.host = socket.gethostname()
+            run.device = device
+            run.versions = package_versions()
+            run.attempts = (run.attempts or 0) + 1
+            s.flush()
+        return run
+
+    def end_run(self, run_id: int, status: str, error: str | None = None,
+                wall_s: float | None = None) -> None:
+        assert status in STATUSES
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            run.status = status
+            run.error = error
+            run.finished_at = utcnow()
+            run.wall_s = wall_s
+
+    def add_metric(self, run_id: int, name: str, value: float | None, task: str | None = None,
+                   extra: dict | None = None) -> None:
+        """Inserts or replaces one metric (unique per run, name, task)."""
+        task = task or ""
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Metric).where(Metric.run_id == run_id, Metric.name == name,
+                                                Metric.task == task))
+            if row is None:
+                s.add(Metric(run_id=run_id, name=name, task=task, value=value, extra=extra))
+            else:
+                row.value, row.extra = value, extra
+
+    def add_train_step(self, run_id: int, step: int, loss: float, lr: float,
+                       tokens_per_s: float) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(TrainStep).where(TrainStep.run_id == run_id,
+                                                   TrainStep.step == step))
+            if row is None:
+                s.add(TrainStep(run_id=run_id, step=step, loss=loss, lr=lr,
+                                tokens_per_s=tokens_per_s))
+            else:
+                row.loss, row.lr, row.tokens_per_s = loss, lr, tokens_per_s
+
+    def add_layer_stat(self, run_id: int, layer: str, module: str, stat: str,
+                       value: float) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(LayerStat).where(
+                LayerStat.run_id == run_id, LayerStat.layer == layer,
+                LayerStat.module == module, LayerStat.stat == stat))
+            if row is None:
+                s.add(LayerStat(run_id=run_id, layer=layer, module=module, stat=stat, value=value))
+            else:
+                row.value = value
+
+    def add_artifact(self, run_id: int, kind: str, path: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Artifact).where(Artifact.run_id == run_id,
+                                                  Artifact.kind == kind))
+            if row is None:
+                s.add(Artifact(run_id=run_id, kind=kind, path=path))
+            else:
+                row.path = path
+
+    def truncate_train_steps(self, run_id: int, after_step: int) -> None:
+        """Drops logged steps beyond a checkpoint, so a resumed run does not duplicate them."""
+        with self.session() as s, s.begin():
+            s.execute(delete(TrainStep).where(TrainStep.run_id == run_id,
+                                              TrainStep.step > after_step))
+
+    def experiment_id(self, name: str, source: str | None = None) -> int:
+        with self.session() as s, s.begin():
+            exp = s.scalar(select(Experiment).where(Experiment.name == name))
+            if exp is None:
+                exp = Experiment(name=name, source=source)
+                s.add(exp)
+                s.flush()
+            elif source is not None:
+                exp.source = source
+            return exp.id
+
+    # --- reading -----------------------------------------------------------------------
+    def runs(self, status: str | None = None) -> list[Run]:
+        with self.session() as s:
+            q = select(Run).order_by(Run.id)
+            if status:
+                q = q.where(Run.status == status)
+            return list(s.scalars(q))
+
+    def get_run(self, ref: str | int) -> Run:
+        """A run by numeric id or (a unique prefix of) its run key.
+
+        Raises:
+            HarnessError: no such run, or an ambiguous prefix.
+        """
+        with self.session() as s:
+            ref = str(ref)
+            if ref.isdigit():
+                run = s.get(Run, int(ref))
+                if run is not None:
+                    return run
+            matches = list(s.scalars(select(Run).where(Run.run_key.startswith(ref, autoescape=True))))
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise HarnessError(f"run {ref!r} is ambiguous ({len(matches)} runs match); "
+                                   f"give more characters of the run key")
+        raise HarnessError(f"no run {ref!r} in {self.url}; `harness list` shows the runs")
+
+    def metrics(self, run_id: int) -> list[Metric]:
+        with self.session() as s:
+            return list(s.scalars(select(Metric).where(Metric.run_id == run_id)
+                                  .order_by(Metric.task, Metric.name)))
+
+    def metric_dict(self, run_id: int) -> dict[str, float | None]:
+        """``{name: value}``, task metrics keyed ``task/name``."""
+        return {(f"{m.task}/{m.name}" if m.task else m.name): m.value
+                for m in self.metrics(run_id)}
+
+    def train_steps(self, run_id: int) -> list[TrainStep]:
+        with self.session() as s:
+            return list(s.scalars(select(TrainStep).where(TrainStep.run_id == run_id)
+                                  .order_by(TrainStep.step)))
+
+    def layer_stats(self, run_id: int) -> list[LayerStat]:
+        with self.session() as s:
+            return list(s.scalars(select(LayerStat).where(LayerStat.run_id == run_id)))
+
+    def artifacts(self, run_id: int) -> dict[str, str]:
+        with self.session() as s:
+            return {a.kind: a.path for a in s.scalars(select(Artifact)
+                                                      .where(Artifact.run_id == run_id))}
+
+    def run_as_dict(self, run: Run) -> dict[str, Any]:
+        """Machine-readable form used by ``harness list --json`` / ``harness show --json``."""
+        return {
+            "id": run.id, "run_key": run.run_key, "method": run.method, "model": run.model,
+            "fmt": run.fmt, "bits": run.bits, "group_size": run.group_size,
+            "profile": run.profile, "seed": run.seed, "status": run.status, "error": run.error,
+            "wall_s": run.wall_s, "attempts": run.attempts, "host": run.host,
+            "device": run.device,
+            "started_at": run.started_at.isoformat() if run.started_at else None,
+            "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+            "spec": run.spec, "versions": run.versions,
+            "metrics": self.metric_dict(run.id), "artifacts": self.artifacts(run.id),
+        }

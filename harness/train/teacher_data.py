@@ -1,0 +1,139 @@
+"""Teacher-generated training data (BitDistiller, OneBit): the FP model continues prompts.
+
+Prompts are short random spans of the training plays (the paper uses the first 128 characters
+of wikitext-2 train documents plus alpaca instructions). Continuations are sampled at
+temperature 0.7, batched, with a progress bar, and cached on disk keyed by the model, the
+prompts and the sampling parameters, so a sweep generates them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+from harness.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+PROMPT_TOKENS = 32
+
+
+def make_prompts(tokenizer, n: int, seed: int, prompt_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    """``[n, prompt_tokens]`` prompts cut at random line starts of the training plays."""
+    from harness import data
+
+    ids = data.tokenize(tokenizer, data.split_text("train"))
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - prompt_tokens - 1, (n * 4,), generator=gen)
+    if len(newline) == 1:
+        # Prefer spans starting right after a newline: prompts then begin at a speech or line.
+        after_nl = [int(s) for s in starts if ids[s] == newline[0]]
+        picked = (after_nl + [int(s) for s in starts])[:n]
+    else:
+        picked = [int(s) for s in starts[:n]]
+    return torch.stack([ids[s + 1 : s + 1 + prompt_tokens] for s in picked])
+
+
+def cache_key(model_name: str, prompts: torch.Tensor, new_tokens: int, temperature: float,
+              seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model_name, "new_tokens": new_tokens,
+                         "temperature": temperature, "seed": seed}, sort_keys=True).encode())
+    h.update(prompts.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _cache_path(key: str) -> Path:
+    return cache_dir() / "teacher" / f"{key}.safetensors"
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float,
+             seed: int, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """Samples continuations; returns ``[n, prompt + new_tokens]`` (EOS-padded where a sample
+    ended early)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = []
+    batches = range(0, prompts.size(0), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="teacher data", unit="batch")
+    eos = tokenizer.eos_token_id
+    for i in batches:
+        x = prompts[i : i + batch_size].to(device)
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                           temperature=temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=eos)
+        out.append(y.cpu())
+    return torch.cat(out)
+
+
+def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tokens: int,
+                      temperature: float = 0.7, seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Cached teacher continuations for ``model_name``; generated on first use.
+
+    Raises:
+        HarnessError: the cache file was written for another model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prompts = make_prompts(tokenizer, samples, seed)
+    key = cache_key(model_name, prompts, new_tokens, temperature, seed)
+    path = _cache_path(key)
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("model") != model_name:
+                raise HarnessError(f"teacher cache {path} was written by model "
+                                   f"{meta.get('model')!r}, not {model_name!r}; delete it")
+            return f.get_tensor("sequences")
+    seqs = generate(teacher(), tokenizer, prompts, new_tokens, temperature, seed,
+                    progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"sequences": seqs.contiguous()}, str(tmp),
+              metadata={"model": model_name, "temperature": str(temperature),
+                        "new_tokens": str(new_tokens), "seed": str(seed)})
+    tmp.replace(path)
+    return seqs
+
+
+def generate_cli(args) -> int:
+    from harness.config import default_profile, get_profile
+    from harness.models import load_model
+    from harness.runner import pick_device
+
+    prof = get_profile(args.profile or default_profile()).train
+    samples = args.samples or prof.teacher_samples
+    new_tokens = args.new_tokens or prof.teacher_new_tokens
+    dev = pick_device(args.device)
+    holder: dict = {}
+
+    def teacher():
+        if "m" not in holder:
+            holder["m"] = load_model(args.model, device=dev)[0]
+        return holder["m"]
+
+    _, tok = load_model(args.model, device="cpu") if args.model == "tiny-llama" else (None, None)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        from harness.models import _converted_smollm2
+
+        tok = (AutoTokenizer.from_pretrained(_converted_smollm2()) if args.model == "smollm2-135m"
+               else load_model(args.model)[1])
+    seqs = teacher_sequences(args.model, teacher, tok, samples, new_tokens, args.temperature,
+                             args.seed)
+    print(f"teacher data: {seqs.size(0)} sequences x {seqs.size(1)} tokens "
+          f"(model {args.model}, temperature {args.temperature})")
+    return 0

@@ -1,0 +1,188 @@
+"""The shared training loop: AdamW, schedules, accumulation, clipping, checkpoints, resume.
+
+Methods only supply an :class:`~methods.base.Objective`; the loop is the same for QAT,
+BitDistiller and OneBit. Checkpoints are safetensors (trainable parameters) plus the optimizer
+state loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError, TrainingDiverged
+from harness.train.config import TrainConfig
+from methods.base import Objective, ObjectiveInputs, RunContext
+
+log = logging.getLogger(__name__)
+
+
+def freeze_embeddings(model: nn.Module) -> None:
+    """Embeddings and lm_head stay full precision and frozen (all papers)."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the peak lr at a step: linear warm-up, then constant or cosine to 0."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Checkpointer:
+    """Saves/loads trainable parameters + optimizer + scheduler + step in ``run_dir/checkpoint``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").exists()
+
+    def save(self, step: int, model, opt, sched) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.dir.with_name("checkpoint.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
+        save_file(params, str(tmp / "params.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                   tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if self.dir.exists():
+            import shutil
+
+            shutil.rmtree(self.dir)
+        tmp.rename(self.dir)  # atomic swap: a crash mid-save leaves the previous checkpoint
+
+    def load(self, model, opt, sched) -> int:
+        from safetensors.torch import load_file
+
+        try:
+            step = int(json.loads((self.dir / "state.json").read_text())["step"])
+            params = load_file(str(self.dir / "params.safetensors"))
+            named = dict(trainable_parameters(model))
+            if set(params) != set(named):
+                raise ValueError("parameter names differ from the model's")
+            with torch.no_grad():
+                for n, t in params.items():
+                    named[n].copy_(t.to(named[n].device))
+            state = torch.load(self.dir / "optim.pt", weights_only=True, map_location="cpu")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except Exception as exc:
+            raise HarnessError(f"checkpoint {self.dir} is unreadable ({type(exc).__name__}: "
+                               f"{str(exc)[:120]}); delete that folder to restart training") from None
+        return step
+
+
+def _batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
+    """Deterministic batch for (step, micro): resumes see exactly the batches they would have."""
+    n = data.size(0)
+    start = ((step * cfg.grad_accum + micro) * cfg.batch_size) % n
+    idx = torch.arange(start, start + cfg.batch_size) % n
+    return data[idx]
+
+
+def _forward(model, ids, hidden: bool):
+    out = model(input_ids=ids, output_hidden_states=hidden)
+    return out.logits[:, :-1], (out.hidden_states if hidden else None)
+
+
+def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
+          progress: bool = True) -> dict:
+    """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
+
+    Returns:
+        ``{"final_loss": ..., "steps": ..., "resumed_from": ...}``.
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the run is marked failed).
+    """
+    device = ctx.device
+    freeze_embeddings(model)
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise HarnessError("nothing to train: every parameter is frozen")
+    data = ctx.train_batches(objective.data)
+    teacher = ctx.teacher() if objective.needs_teacher else None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ckpt = Checkpointer(ctx.run_dir)
+    start = ckpt.load(model, opt, sched) if ckpt.exists() else 0
+    if start:
+        log.info("resuming training at step %d", start)
+        if hasattr(ctx.recorder, "resume_from"):
+            ctx.recorder.resume_from(start)
+        ctx.recorder.metric("resumed_from_step", start)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else nullcontext())
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {ctx.spec.method}", unit="step")
+    loss_value = float("nan")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = _batch_at(data, step, micro, cfg).to(device)
+            with amp:
+                logits, hidden = _forward(model, ids, objective.needs_hidden_states)
+                t_logits = t_hidden = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
+                loss = objective.loss(ObjectiveInputs(
+                    student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+                    student_hidden=hidden, teacher_hidden=t_hidden))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step + 1}; lower the learning rate "
+                    f"(train.lr={cfg.lr}) or check the data, then rerun")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        loss_value = total
+        tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            ctx.recorder.train_step(step + 1, loss_value, lr, tps)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            ckpt.save(step + 1, model, opt, sched)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    ctx.recorder.metric("final_train_loss", loss_value)
+    return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start}

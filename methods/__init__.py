@@ -1,0 +1,1 @@
+"""Quantization methods, one module each; see ``methods/base.py`` for the interface."""

@@ -1,0 +1,106 @@
+"""Clip: RTN after BitDistiller's asymmetric clipping search (AWQ-style auto-clip).
+
+For each decoder linear, calibration inputs X of that layer pick per output group the
+[min*(1-a), max*(1-b)] range minimising ||X W^T - X Q(clamp W)^T||^2; the latent weight is
+clamped once, then quantized as RTN does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from harness.registry import register_method
+from methods.rtn import RTN
+from methods.weightquant import WeightQuantConfig
+
+log = logging.getLogger(__name__)
+
+
+class ClipConfig(WeightQuantConfig):
+    clip: bool = Field(True, description="run the clipping search before quantizing")
+    skip_qk: bool = Field(False, description="leave q_proj/k_proj unclipped (reference code)")
+    calib_samples: int = Field(16, ge=1, description="calibration blocks (Julius Caesar)")
+    calib_seq_len: int = Field(512, ge=8, description="tokens per calibration block")
+    clip_tokens: int = Field(512, ge=16, description="tokens sampled per layer for the search")
+    clip_grid: int = Field(20, ge=2, description="shrink steps (reference: 20 over [0, 0.5))")
+    clip_max_shrink: float = Field(0.5, gt=0, lt=1)
+
+
+@torch.no_grad()
+def capture_inputs(model, names: list[str], batches: torch.Tensor, n_tokens: int,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """Inputs of each named linear on the calibration batches, ``n_tokens`` rows sampled.
+
+    Keeping a fixed random subset per layer bounds memory (a full capture of SmolLM2 would be
+    several GB) while giving the search the same tokens the reference samples.
+    """
+    modules = dict(model.named_modules())
+    total = batches.numel()
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_tokens]
+    idx = idx.sort().values
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    offsets = {"pos": 0}
+
+    def hook(name):
+        def fn(_mod, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            lo = offsets["pos"]
+            sel = idx[(idx >= lo) & (idx < lo + x.size(0))] - lo
+            captured[name].append(x[sel.to(x.device)].float().cpu())
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        for row in batches:
+            model(row.unsqueeze(0).to(device))
+            offsets["pos"] += row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in captured.items()}
+
+
+def clip_model(model, config: ClipConfig, ctx) -> None:
+    """Clamps every decoder linear's weight in place at its searched range; logs layer stats."""
+    from harness.quant.clip import clip_search
+    from harness.quant.modules import decoder_linear_names
+
+    names = decoder_linear_names(model)
+    inputs = capture_inputs(model, names, ctx.calibration(), config.clip_tokens, ctx.spec.seed)
+    modules = dict(model.named_modules())
+    qformat = config.qformat()
+    for name in tqdm(names, desc="clip search", unit="layer", leave=False):
+        layer, module = _split(name)
+        linear = modules[name]
+        if config.skip_qk and module in ("q_proj", "k_proj"):
+            continue
+        res = clip_search(linear.weight.data, inputs[name].to(linear.weight.device), qformat,
+                          n_grid=config.clip_grid, max_shrink=config.clip_max_shrink,
+                          n_tokens=config.clip_tokens, seed=ctx.spec.seed)
+        linear.weight.data.copy_(res.weight)
+        ctx.recorder.layer_stat(layer, module, "rtn_output_mse", res.err_before)
+        ctx.recorder.layer_stat(layer, module, "clip_output_mse", res.err_after)
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (``layers.3``, ``q_proj``)."""
+    parts = name.split(".")
+    i = parts.index("layers") if "layers" in parts else 0
+    return ".".join(parts[i : i + 2]), parts[-1]
+
+
+@register_method("clip")
+class Clip(RTN):
+    """RTN after the asymmetric clipping search on calibration activations."""
+
+    Config = ClipConfig
+
+    def prepare(self, model, ctx):
+        if self.config.clip:
+            clip_model(model, self.config, ctx)
+        return super().prepare(model, ctx)

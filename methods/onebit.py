@@ -1,0 +1,70 @@
+"""OneBit: 1-bit sign matrices with fp16 value vectors, SVID init, logit + hidden distillation.
+
+Each decoder linear becomes Y = LayerNorm(((X * g) @ sign(W)^T) * h) + bias with g, h from a
+rank-1 non-negative factorisation of |W| (SVID). Training distils the FP model's logits
+(KL(T||S)) and its L2-normalised hidden states; embeddings and lm_head stay frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from harness.registry import register_method
+from harness.train.config import TrainConfig
+from methods.base import Method, MethodConfig, Objective
+
+
+class OneBitConfig(MethodConfig):
+    init: Literal["nmf", "svd"] = Field("nmf", description="SVID factorisation of |W|")
+    alpha: float = Field(1.0, ge=0, description="weight of the hidden-state loss")
+    weighting: Literal["paper", "code"] = Field(
+        "paper", description="paper: KD + alpha*hidden; code: 0.01*KD + alpha*hidden")
+    data: Literal["corpus", "teacher"] = "teacher"
+    train: TrainConfig = TrainConfig(lr=4e-4, schedule="cosine", warmup_steps=4,
+                                     betas=(0.9, 0.98), weight_decay=0.01)
+
+    @property
+    def kd_scale(self) -> float:
+        return 1.0 if self.weighting == "paper" else 0.01
+
+
+@register_method("onebit")
+class OneBit(Method):
+    """1-bit weights (sign) + value vectors, SVID init, KD on logits and hidden states."""
+
+    Config = OneBitConfig
+
+    def prepare(self, model, ctx):
+        from harness.quant.modules import decoder_linear_names, replace_linears
+        from harness.quant.onebit import OneBitLinear, rank1_svd_error, svid_error
+        from methods.clip import _split
+
+        def convert(name, linear):
+            module = OneBitLinear.from_linear(linear, init=self.config.init)
+            layer, short = _split(name)
+            w = linear.weight.data
+            ctx.recorder.layer_stat(layer, short, "svid_error",
+                                    float(svid_error(w, module.h.data, module.g.data)))
+            ctx.recorder.layer_stat(layer, short, "svd_rank1_error", float(rank1_svd_error(w)))
+            return module
+
+        return replace_linears(model, decoder_linear_names(model), convert)
+
+    def objective(self, ctx):
+        from harness.train.losses import onebit_loss
+
+        cfg = self.config
+
+        def loss(inputs):
+            return onebit_loss(inputs.student_logits, inputs.teacher_logits, inputs.labels,
+                               inputs.student_hidden, inputs.teacher_hidden, alpha=cfg.alpha,
+                               kd_scale=cfg.kd_scale)
+
+        return Objective(loss=loss, needs_teacher=True, needs_hidden_states=True, data=cfg.data)
+
+    def finalize(self, model, ctx):
+        from methods.weightquant import pack_all
+
+        return pack_all(model)

@@ -1,0 +1,46 @@
+"""QAT-only: the clipping initialisation, then training on plain next-token cross-entropy.
+
+The ablation baseline that separates "training the quantized model" from "self-distillation".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from harness.registry import register_method
+from harness.train.config import TrainConfig
+from methods.base import Objective
+from methods.clip import Clip, ClipConfig
+
+
+class QATConfig(ClipConfig):
+    loss: str = Field("ce", description="ce, fkl, rkl, jsd, tlsd or cakld")
+    loss_params: dict[str, float] = Field(default_factory=dict,
+                                          description="extra loss arguments, e.g. {beta: 0.5}")
+    data: Literal["corpus", "teacher"] = "corpus"
+    train: TrainConfig = TrainConfig(lr=1e-5)
+
+
+def make_objective(config, ctx, gamma: float | None = None) -> Objective:
+    """An Objective for ``config.loss``; teacher-based losses ask the trainer for the teacher."""
+    from harness.train.losses import get_loss
+
+    fn = get_loss(config.loss)
+    params = dict(config.loss_params)
+    if gamma is not None:
+        params["gamma"] = gamma
+    needs_teacher = config.loss != "ce"
+    return Objective(loss=lambda inputs: fn(inputs, **params), needs_teacher=needs_teacher,
+                     data=config.data)
+
+
+@register_method("qat")
+class QAT(Clip):
+    """Clipping init, then quantization-aware training on next-token cross-entropy."""
+
+    Config = QATConfig
+
+    def objective(self, ctx):
+        return make_objective(self.config, ctx)

@@ -1,0 +1,64 @@
+"""Shared parts of the weight-quantization ladder (rtn -> clip -> qat -> bitdistiller).
+
+The config fields every weight-quantizing method has, and the two conversions: latent linears to
+training-form ``QuantLinear`` (prepare) and training form to packed storage (finalize).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from methods.base import MethodConfig
+
+
+class WeightQuantConfig(MethodConfig):
+    """Format of the quantized weights.
+
+    ``group_size=None`` means "auto": 128 where it divides every quantized layer's input
+    dimension, else the largest of 64/32 that does; the planner resolves it before the run.
+    """
+
+    fmt: Literal["int", "nf3"] = "int"
+    bits: int = Field(3, ge=1, le=8, description="weight bits (1-8)")
+    group_size: int | None = Field(None, description="group along inputs; -1 = per row")
+    symmetric: bool = False
+    detach_scales: bool = Field(False, description="stop gradients into scales/zeros (QAT)")
+
+    @model_validator(mode="after")
+    def _check_format(self):
+        from harness.quant.formats import QuantFormat
+
+        self.qformat()  # raises a one-line error for e.g. nf3 with 2 bits
+        del QuantFormat
+        return self
+
+    def qformat(self):
+        from harness.quant.formats import QuantFormat
+
+        return QuantFormat(fmt=self.fmt, bits=self.bits,
+                           group_size=self.group_size if self.group_size is not None else -1,
+                           symmetric=self.symmetric)
+
+
+def to_quant_linears(model: nn.Module, config: WeightQuantConfig) -> nn.Module:
+    """Replaces every decoder linear with a training-form ``QuantLinear`` (in place)."""
+    from harness.quant.linear import QuantLinear
+    from harness.quant.modules import decoder_linear_names, replace_linears
+
+    qformat = config.qformat()
+    return replace_linears(
+        model, decoder_linear_names(model),
+        lambda _name, linear: QuantLinear.from_linear(linear, qformat,
+                                                      detach_scales=config.detach_scales))
+
+
+def pack_all(model: nn.Module) -> nn.Module:
+    """Converts every quantized module to its packed storage form (what is evaluated/saved)."""
+    from harness.quant.modules import quantized_modules
+
+    for _name, module in quantized_modules(model):
+        module.pack()
+    return model
