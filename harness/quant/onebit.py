@@ -1,0 +1,311 @@
+"""OneBit: 1-bit sign matrices with two fp16 value vectors (Xu et al. 2024).
+
+A linear layer ``Y = X W^T`` becomes (paper section 3.2; reference ``BitLinear`` in
+xuyuzhuang11/OneBit ``transformers/src/transformers/models/bitnet.py``)
+
+    Y = LayerNorm_no_affine(((X * g) @ sign(W)^T) * h) + bias
+
+with ``g`` over inputs, ``h`` over outputs and the LayerNorm over the output features
+(``nn.LayerNorm(out_features, elementwise_affine=False)``, eps 1e-5), after ``h`` and before the
+bias. SVID initialisation (section 3.3, reference ``scripts/build_start_ckpt.py``): a rank-1
+non-negative factorisation ``|W| ~ a b^T``, ``h = a``, ``g = b``, latent weight
+``sign(W) * 0.01``.
+
+Two forms, as ``QuantLinear``: the training form (latent weight, ``g``, ``h`` trainable; the sign
+through a straight-through estimator) and the packed form (sign bits + fp16 vectors), which is
+what is stored and evaluated. The training form rounds ``g``, ``h`` and the bias through fp16
+in its forward (straight-through), so both forms give bit-identical outputs.
+
+Differences from the reference code: ``sign(0) = +1`` here (``torch.sign`` gives 0, which a
+1-bit format cannot store); NMF by multiplicative updates from a deterministic start instead of
+scikit-learn's ``NMF(init='random', random_state=0)`` coordinate descent (for rank 1 both reach
+the top singular pair of ``|W|``, up to how the scale is split between ``a`` and ``b``; the
+layer is invariant to that split because of the LayerNorm).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.quant.bitpack import pack_bits, unpack_bits
+
+LATENT_INIT = 0.01  # reference: weight = sign(W) * 0.01 after SVID
+LN_EPS = 1e-5  # nn.LayerNorm's default, as the reference BitLinear
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign with sign(0) = +1; backward ``grad * (1.001 - tanh(w)^2)`` (reference ``SignSTEFunc``)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        one = torch.ones_like(w)
+        return torch.where(w >= 0, one, -one)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return grad * (1.001 - torch.tanh(w).pow(2))
+
+
+def sign_ste(w: torch.Tensor) -> torch.Tensor:
+    """``+1`` where ``w >= 0`` else ``-1``, with OneBit's tanh-shaped straight-through gradient.
+
+    Args:
+        w: latent weights.
+
+    Returns:
+        A tensor of +-1 shaped and typed like ``w``; backward multiplies the incoming gradient
+        by ``1.001 - tanh(w)^2`` (a smooth surrogate of sign's derivative that never vanishes).
+    """
+    return _SignSTE.apply(w)
+
+
+def _fp16_ste(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to fp16 values (kept in ``t``'s dtype), gradient passed unchanged."""
+    return t + (t.detach().to(torch.float16).to(t.dtype) - t.detach())
+
+
+def _sign_codes(w: torch.Tensor) -> torch.Tensor:
+    """1-bit codes, 1 for a negative weight (reference ``BitLinearInf``: bit 1 -> -1)."""
+    return (w < 0).to(torch.uint8).flatten()
+
+
+@torch.no_grad()
+def svid(w: torch.Tensor, method: Literal["nmf", "svd"] = "nmf", iters: int = 100
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign-value-independent decomposition: rank-1 non-negative factors of ``|W|``.
+
+    ``nmf``: Lee-Seung multiplicative updates ``a <- a * (|W| b) / (a b^T b)`` and the same for
+    ``b``, started from the row means and column means of ``|W|`` (deterministic). For rank 1 an
+    update is the exact least-squares step, i.e. power iteration, so it converges to the top
+    singular pair of ``|W|`` (non-negative by Perron-Frobenius). ``svd``: that pair from a full
+    LAPACK SVD of ``|W|`` (exact, ``O(out * in * min(out, in))``), made non-negative. Either way
+    the scale is split evenly (``||a|| = ||b||``).
+
+    Args:
+        w: ``[out, in]`` weight.
+        method: ``"nmf"`` (paper default) or ``"svd"``.
+        iters: multiplicative-update rounds for ``nmf``.
+
+    Returns:
+        ``(a, b)``: ``a`` ``[out]`` (becomes ``h``), ``b`` ``[in]`` (becomes ``g``), fp32,
+        non-negative, with ``|W| ~ a b^T``.
+
+    Raises:
+        HarnessError: unknown method.
+    """
+    absw = w.detach().float().abs()
+    if method == "svd":
+        u, s, vh = torch.linalg.svd(absw, full_matrices=False)
+        a, b = u[:, 0] * s[0].sqrt(), vh[0] * s[0].sqrt()
+        if a.sum() < 0:  # singular vectors come with an arbitrary sign
+            a, b = -a, -b
+        return a.clamp_min(0), b.clamp_min(0)
+    if method != "nmf":
+        raise HarnessError(f"unknown SVID method {method!r}; use 'nmf' or 'svd'")
+    eps = torch.finfo(torch.float32).tiny
+    mean = absw.mean().clamp_min(eps)
+    a, b = absw.mean(1), absw.mean(0) / mean
+    for _ in range(iters):
+        a = a * (absw @ b) / (a * (b @ b) + eps)
+        b = b * (absw.T @ a) / (b * (a @ a) + eps)
+    ratio = (a.norm() / b.norm().clamp_min(eps)).sqrt().clamp_min(eps)
+    return a / ratio, b * ratio
+
+
+@torch.no_grad()
+def rank1_svd_error(w: torch.Tensor) -> torch.Tensor:
+    """Frobenius error of the best rank-1 approximation of ``W`` itself (no sign split).
+
+    ``||W - s1 u1 v1^T||_F = sqrt(sum_{i >= 2} s_i^2)`` (Eckart-Young), the baseline of OneBit's
+    proposition that factorising ``|W|`` and keeping ``sign(W)`` loses less.
+
+    Args:
+        w: ``[out, in]`` weight.
+
+    Returns:
+        Scalar fp32 tensor.
+    """
+    s = torch.linalg.svdvals(w.detach().float())
+    return s[1:].pow(2).sum().sqrt()
+
+
+@torch.no_grad()
+def svid_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||W - sign(W) * (a b^T)||_F``, the SVID reconstruction error (sign(0) = +1).
+
+    Args:
+        w: ``[out, in]`` weight.
+        a: ``[out]`` output-side factor (``h``).
+        b: ``[in]`` input-side factor (``g``).
+
+    Returns:
+        Scalar fp32 tensor.
+    """
+    wf = w.detach().float()
+    sign = torch.where(wf >= 0, 1.0, -1.0)
+    return (wf - sign * torch.outer(a.float(), b.float())).norm()
+
+
+class OneBitLinear(nn.Module):
+    """OneBit linear layer, training form or packed form (see the module docstring).
+
+    Training form: parameters ``weight`` (latent ``[out, in]``), ``g`` ``[in]``, ``h`` ``[out]``
+    and optional ``bias``. Packed form (after :meth:`pack`): buffers ``sign_bits`` (uint8, 1 bit
+    per weight, 1 = negative), ``g``, ``h`` and ``bias`` in fp16; these stay fp16 when the model
+    is cast to another dtype, since they are the stored format.
+
+    Args:
+        in_features: input features.
+        out_features: output features.
+        bias: whether the layer has a bias.
+        device: where the tensors live.
+        dtype: dtype of the training-form parameters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.is_packed = False
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.full((out_features, in_features), LATENT_INIT, **kw))
+        self.g = nn.Parameter(torch.ones(in_features, **kw))
+        self.h = nn.Parameter(torch.ones(out_features, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, init: Literal["nmf", "svd"] = "nmf",
+                    iters: int = 100) -> OneBitLinear:
+        """Training-form layer initialised from ``linear`` by SVID.
+
+        Args:
+            linear: the full-precision layer (not modified).
+            init: SVID method, see :func:`svid`.
+            iters: NMF rounds.
+
+        Returns:
+            A new module: ``h = a``, ``g = b``, ``weight = sign(W) * 0.01``, bias copied; all
+            trainable, on ``linear``'s device and dtype.
+        """
+        w = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     device=w.device, dtype=w.dtype)
+        a, b = svid(w, method=init, iters=iters)
+        module.h.copy_(a)
+        module.g.copy_(b)
+        module.weight.copy_(torch.where(w >= 0, LATENT_INIT, -LATENT_INIT))
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    @classmethod
+    def empty_packed(cls, in_features: int, out_features: int, bias: bool = False, *,
+                     device: torch.device | str | None = None) -> OneBitLinear:
+        """A packed-form layer with zeroed buffers, to ``load_state_dict`` a packed state into."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = in_features, out_features
+        module.is_packed = True
+        n_bytes = pack_bits(torch.zeros(in_features * out_features, dtype=torch.uint8), 1).numel()
+        half = {"dtype": torch.float16, "device": device}
+        module.register_buffer("sign_bits", torch.zeros(n_bytes, dtype=torch.uint8, device=device))
+        module.register_buffer("g", torch.zeros(in_features, **half))
+        module.register_buffer("h", torch.zeros(out_features, **half))
+        module.register_buffer("bias", torch.zeros(out_features, **half) if bias else None)
+        return module
+
+    def packed_spec(self) -> dict[str, Any]:
+        """JSON-able shape description, enough for :meth:`from_packed_spec`."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_packed_spec(cls, spec: dict[str, Any]) -> OneBitLinear:
+        """An empty packed layer from :meth:`packed_spec`'s dict (extra keys ignored)."""
+        return cls.empty_packed(int(spec["in_features"]), int(spec["out_features"]),
+                                bool(spec.get("bias", False)))
+
+    # ------------------------------------------------------------------ packing
+
+    @torch.no_grad()
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """The packed tensors of this layer (computed from the training form if needed)."""
+        if self.is_packed:
+            names = ["sign_bits", "g", "h"] + (["bias"] if self.bias is not None else [])
+            return {n: getattr(self, n) for n in names}
+        state = {"sign_bits": pack_bits(_sign_codes(self.weight.detach()), 1),
+                 "g": self.g.detach().to(torch.float16), "h": self.h.detach().to(torch.float16)}
+        if self.bias is not None:
+            state["bias"] = self.bias.detach().to(torch.float16)
+        return state
+
+    @torch.no_grad()
+    def pack(self) -> OneBitLinear:
+        """Converts this module in place to the packed form and returns it (idempotent)."""
+        if self.is_packed:
+            return self
+        state = self.packed_state()
+        for name in ("weight", "g", "h", "bias"):
+            delattr(self, name)
+        for name, tensor in state.items():
+            self.register_buffer(name, tensor.clone())
+        if "bias" not in state:
+            self.register_buffer("bias", None)
+        self.is_packed = True
+        return self
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed form, measured from its tensors (packing on the fly if needed)."""
+        return sum(t.numel() * t.element_size() for t in self.packed_state().values())
+
+    @property
+    def num_weights(self) -> int:
+        """Weights this layer stands for (``out * in``), the denominator of bits per weight."""
+        return self.in_features * self.out_features
+
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the stored fp16 vectors fp16 under model.to(dtype): only move their device.
+        if not self.is_packed:
+            return super()._apply(fn, recurse)
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, buf in kept.items():
+            self._buffers[name] = buf.to(self._buffers[name].device)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def _signs(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.is_packed:
+            codes = unpack_bits(self.sign_bits, 1, self.num_weights)
+            signs = 1 - 2 * codes.to(torch.int8)
+            return signs.to(dtype).view(self.out_features, self.in_features)
+        return sign_ste(self.weight).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``LayerNorm(((x * g) @ sign(W)^T) * h) + bias``, computed in ``x``'s dtype."""
+        if self.is_packed:
+            g, h, bias = self.g, self.h, self.bias
+        else:
+            g, h = _fp16_ste(self.g), _fp16_ste(self.h)
+            bias = _fp16_ste(self.bias) if self.bias is not None else None
+        y = F.linear(x * g.to(x.dtype), self._signs(x.dtype)) * h.to(x.dtype)
+        y = F.layer_norm(y, (self.out_features,), eps=LN_EPS)
+        return y + bias.to(x.dtype) if bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, packed={self.is_packed}")

@@ -1,0 +1,64 @@
+"""CLI integration on tiny-llama with a temporary SQLite database."""
+
+import json
+
+import pytest
+
+QUICK = ["--model", "tiny-llama", "--max-eval-tokens", "2048", "--seq-len", "256"]
+
+
+@pytest.fixture
+def run_cli(cli, db_url, tmp_path):
+    def run(*args):
+        return cli(*args, "--db", db_url)
+    return run
+
+
+def test_run_rtn_then_list_show_and_resume(run_cli, tmp_path):
+    out_dir = tmp_path / "runs"
+    code, out, err = run_cli("run", "--methods", "rtn", "--bits", "3,2", *QUICK,
+                             "--output-dir", out_dir)
+    assert code == 0, err
+    assert "PPL/FP" in out and "rtn" in out and "fp" in out
+    code, out, _ = run_cli("list", "--json")
+    runs = json.loads(out)
+    assert sorted(r["method"] for r in runs) == ["fp", "rtn", "rtn"]
+    assert all(r["status"] == "finished" for r in runs)
+    w2 = next(r for r in runs if r["bits"] == 2)
+    m = w2["metrics"]
+    assert m["ppl"] > 0 and m["ppl_tokens"] == 2048
+    assert 2.0 < m["bits_per_weight"] < 3.0  # 2-bit codes + fp16 scale + 2-bit zero per 64
+    code, out, _ = run_cli("show", w2["run_key"], "--json")
+    assert json.loads(out)["spec"]["config"]["bits"] == 2
+    code, out, err = run_cli("run", "--methods", "rtn", "--bits", "3,2", *QUICK,
+                             "--output-dir", out_dir)
+    assert code == 0 and "already finished" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--methods", "rtm", *QUICK], "did you mean 'rtn'"),
+    (["run", "--methods", "rtn", "--bits", "9", *QUICK], "bits"),
+    (["run", "--methods", "rtn", "--group-size", "48", *QUICK], "group"),
+    (["run", "--methods", "rtn", "--model", "/no/such/model"], "does not exist"),
+    (["show", "nope"], "no run"),
+])
+def test_bad_input_is_one_line_exit_2(run_cli, args, needle):
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_db_exit_2(cli, tmp_path):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    code, _, err = cli("run", "--methods", "rtn", *QUICK, "--db", f"sqlite:///{blocker}/x.db")
+    assert code == 2 and "unusable" in err
+
+
+def test_methods_lists_fields(cli):
+    code, out, _ = cli("methods", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {"fp", "rtn", "clip", "qat", "bitdistiller", "onebit"} <= set(rows)
+    assert rows["rtn"]["config"]["bits"] == 3
+    assert rows["bitdistiller"]["config"]["loss"] == "cakld"

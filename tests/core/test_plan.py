@@ -1,0 +1,63 @@
+import pytest
+
+from harness.errors import HarnessError
+from harness.plan import build_spec, fp_reference
+
+IN = {64, 192}  # tiny-llama's decoder input dims: 128 does not divide 64 -> auto picks 64
+
+
+def test_spec_hash_is_stable_and_sensitive():
+    a = build_spec("tiny-llama", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
+    b = build_spec("tiny-llama", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
+    c = build_spec("tiny-llama", "rtn", {"bits": 2}, "quick", 0, in_features=IN)
+    assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+    assert len(a.run_key) == 12
+
+
+def test_auto_group_size_and_explicit_equivalent():
+    auto = build_spec("tiny-llama", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
+    explicit = build_spec("tiny-llama", "rtn", {"bits": 3, "group_size": 64}, "quick", 0,
+                          in_features=IN)
+    assert auto.group_size == 64
+    assert auto.spec_hash() == explicit.spec_hash()
+
+
+def test_bad_group_size_lists_valid_ones():
+    with pytest.raises(HarnessError, match="32"):
+        build_spec("tiny-llama", "rtn", {"bits": 3, "group_size": 48}, "quick", 0, in_features=IN)
+
+
+@pytest.mark.parametrize("bits", [0, 9])
+def test_bits_out_of_range(bits):
+    with pytest.raises(HarnessError, match="bits"):
+        build_spec("tiny-llama", "rtn", {"bits": bits}, "quick", 0, in_features=IN)
+
+
+def test_unknown_config_key_named():
+    with pytest.raises(HarnessError, match="unknown key 'bitz'"):
+        build_spec("tiny-llama", "rtn", {"bitz": 3}, "quick", 0, in_features=IN)
+
+
+def test_fp_ignores_bits_and_seed():
+    fp1 = build_spec("tiny-llama", "fp", {"bits": 3}, "quick", 5, in_features=IN)
+    assert fp1.config == {} and fp1.seed == 0
+    rtn = build_spec("tiny-llama", "rtn", {"bits": 2}, "quick", 5, in_features=IN)
+    assert fp_reference(rtn).spec_hash() == fp1.spec_hash()
+
+
+def test_profile_budget_applies_under_user_overrides():
+    spec = build_spec("tiny-llama", "qat", {"bits": 3, "train": {"steps": 3}}, "quick", 0,
+                      in_features=IN)
+    assert spec.config["train"]["steps"] == 3
+    assert spec.config["train"]["batch_size"] == 4  # quick profile
+    onebit = build_spec("tiny-llama", "onebit", {}, "quick", 0, in_features=IN)
+    assert onebit.config["train"]["lr"] == 4e-4  # method default survives the profile
+
+
+def test_bitdistiller_paper_formats():
+    w3 = build_spec("tiny-llama", "bitdistiller", {"bits": 3}, "quick", 0, in_features=IN)
+    w2 = build_spec("tiny-llama", "bitdistiller", {"bits": 2}, "quick", 0, in_features=IN)
+    assert w3.fmt == "nf3" and w2.fmt == "int"
+    with pytest.raises(HarnessError):
+        build_spec("tiny-llama", "bitdistiller", {"bits": 2, "fmt": "nf3"}, "quick", 0,
+                   in_features=IN)

@@ -1,0 +1,128 @@
+"""OneBit: sign STE, SVID, the layer's two forms (exactly equal), storage size."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.quant.onebit import OneBitLinear, rank1_svd_error, sign_ste, svid, svid_error
+
+
+def test_sign_ste_values_and_gradient():
+    w = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.5], requires_grad=True)
+    y = sign_ste(w)
+    assert y.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]  # sign(0) = +1
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    y.backward(upstream)
+    expected = [g * (1.001 - math.tanh(v) ** 2)
+                for g, v in zip(upstream.tolist(), [-2.0, -0.5, 0.0, 0.3, 1.5], strict=True)]
+    assert w.grad.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["nmf", "svd"])
+def test_svid_beats_rank1_svd_on_gaussian(method):
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    a, b = svid(w, method=method)
+    assert a.shape == (64,) and b.shape == (96,)
+    assert (a >= 0).all() and (b >= 0).all()
+    e_svid, e_svd = float(svid_error(w, a, b)), float(rank1_svd_error(w))
+    # |w| ~ E|w| (1 1^T): error^2 ~ (1 - 2/pi) ||W||^2 vs ~ ||W||^2 for rank-1 SVD of W.
+    assert e_svid < 0.8 * e_svd
+    assert e_svid == pytest.approx(math.sqrt(1 - 2 / math.pi) * float(w.norm()), rel=0.1)
+
+
+def test_nmf_reaches_the_svd_optimum_and_recovers_exact_rank1():
+    w = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    e_nmf = float(svid_error(w, *svid(w, "nmf")))
+    e_svd = float(svid_error(w, *svid(w, "svd")))
+    assert e_nmf <= e_svd * (1 + 1e-4)
+    gen = torch.Generator().manual_seed(2)
+    a0, b0 = torch.rand(20, generator=gen) + 0.1, torch.rand(30, generator=gen) + 0.1
+    signs = torch.where(torch.rand(20, 30, generator=gen) < 0.5, -1.0, 1.0)
+    exact = signs * torch.outer(a0, b0)
+    assert float(svid_error(exact, *svid(exact))) < 1e-4 * float(exact.norm())
+    a, b = svid(exact)
+    assert float(a.norm()) == pytest.approx(float(b.norm()), rel=1e-5)  # balanced scale
+    with pytest.raises(HarnessError):
+        svid(w, method="pca")
+
+
+def test_from_linear_init_and_forward_formula():
+    lin = nn.Linear(48, 32, bias=True)
+    m = OneBitLinear.from_linear(lin)
+    a, b = svid(lin.weight)
+    assert torch.allclose(m.h, a) and torch.allclose(m.g, b)
+    assert torch.equal(m.weight, torch.where(lin.weight >= 0, 0.01, -0.01))
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"weight", "g", "h", "bias"}
+    x = torch.randn(3, 5, 48)
+    g, h, bias = (t.detach().half().float() for t in (m.g, m.h, m.bias))
+    y = ((x * g) @ torch.where(lin.weight >= 0, 1.0, -1.0).T) * h
+    y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(m(x), y + bias, atol=1e-5)
+    m(x).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def _tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    from harness.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(61)).eval()
+
+
+def _swap(model, make):
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and ".layers." in f".{name}":
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, make(mod))
+    return model
+
+
+@torch.no_grad()
+def test_packed_logits_equal_training_logits_and_state_round_trips():
+    base = _tiny_llama()
+    trained = _swap(copy.deepcopy(base), OneBitLinear.from_linear)
+    for mod in trained.modules():  # move latent weights/vectors off their init, like training
+        if isinstance(mod, OneBitLinear):
+            mod.weight.add_(torch.randn_like(mod.weight) * 0.02)
+            mod.g.mul_(1 + 0.1 * torch.rand_like(mod.g))
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    train_logits = trained(ids).logits
+    packed = copy.deepcopy(trained)
+    for mod in packed.modules():
+        if isinstance(mod, OneBitLinear):
+            mod.pack()
+    assert torch.equal(packed(ids).logits, train_logits)  # stored == evaluated, bit for bit
+    state = packed.state_dict()
+    assert any(k.endswith("sign_bits") for k in state)
+    fresh = _swap(copy.deepcopy(base), lambda lin: OneBitLinear.from_packed_spec(
+        {"type": "OneBitLinear", "in_features": lin.in_features,
+         "out_features": lin.out_features, "bias": lin.bias is not None}))
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh(ids).logits, train_logits)
+
+
+def test_packed_vectors_stay_fp16_under_dtype_casts():
+    m = OneBitLinear.from_linear(nn.Linear(16, 8)).pack()
+    m.to(torch.float64)
+    assert m.g.dtype == m.h.dtype == m.bias.dtype == torch.float16
+    assert m.sign_bits.dtype == torch.uint8
+    assert m(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_bits_per_weight_measured_from_packed_tensors():
+    lin = nn.Linear(160, 96, bias=False)
+    m = OneBitLinear.from_linear(lin)
+    before = m.packed_nbytes()  # training form: what the packed form would take
+    m.pack()
+    assert m.packed_nbytes() == before
+    assert m.packed_nbytes() * 8 / m.num_weights == pytest.approx(1 + 16 * (160 + 96) / (160 * 96))
+    big = OneBitLinear.empty_packed(4096, 4096)
+    assert big.packed_nbytes() * 8 / big.num_weights == pytest.approx(1.0078125)

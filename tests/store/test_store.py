@@ -1,0 +1,69 @@
+import sqlite3
+
+import pytest
+
+from harness.config import EvalSpec, RunSpec
+from harness.errors import HarnessError
+from harness.store import Store
+
+
+def _spec(bits=3):
+    return RunSpec(model="tiny-llama", method="rtn",
+                   config={"bits": bits, "group_size": 64, "fmt": "int"}, eval=EvalSpec())
+
+
+def test_run_lifecycle_and_metrics(store):
+    spec = _spec()
+    run = store.begin_run(spec, device="cpu")
+    store.add_metric(run.id, "ppl", 12.5, extra={"tokens": 100})
+    store.add_metric(run.id, "ppl", 12.0)  # replaces, no duplicate row
+    store.add_metric(run.id, "acc", 0.4, task="cloze")
+    store.end_run(run.id, "finished", wall_s=3.0)
+    got = store.get_run(run.run_key[:6])
+    assert got.status == "finished" and got.bits == 3 and got.group_size == 64
+    assert store.metric_dict(run.id) == {"ppl": 12.0, "cloze/acc": 0.4}
+    d = store.run_as_dict(got)
+    assert d["spec"]["method"] == "rtn" and d["versions"]["torch"]
+
+
+def test_rerun_of_failed_run_reuses_row_and_clears_metrics(store):
+    spec = _spec()
+    run = store.begin_run(spec)
+    store.add_metric(run.id, "ppl", 1.0)
+    store.add_train_step(run.id, 1, 2.0, 1e-5, 100.0)
+    store.add_train_step(run.id, 2, 1.5, 1e-5, 100.0)
+    store.end_run(run.id, "failed", "boom")
+    again = store.begin_run(spec)
+    assert again.id == run.id and again.attempts == 2 and again.error is None
+    assert store.metric_dict(run.id) == {}
+    store.truncate_train_steps(run.id, 1)
+    assert [s.step for s in store.train_steps(run.id)] == [1]
+
+
+def test_sqlite_uses_wal(db_url, store):
+    path = db_url.removeprefix("sqlite:///")
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_readonly_store_cannot_write(db_url, store):
+    store.begin_run(_spec())
+    ro = Store(db_url, readonly=True)
+    assert len(ro.runs()) == 1
+    with pytest.raises(Exception):
+        ro.begin_run(_spec(bits=2))
+
+
+def test_bad_urls_are_one_line_errors(tmp_path):
+    with pytest.raises(HarnessError, match="not a SQLAlchemy URL"):
+        Store("not a url")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(HarnessError, match="unusable"):
+        Store(f"sqlite:///{blocker}/sub/harness.db")
+    with pytest.raises(HarnessError, match="does not exist"):
+        Store(f"sqlite:///{tmp_path}/missing.db", readonly=True)
+
+
+def test_unknown_run(store):
+    with pytest.raises(HarnessError, match="harness list"):
+        store.get_run("deadbeef")
