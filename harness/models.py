@@ -146,14 +146,18 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if name in MODELS:
         model, tok = MODELS.get(name)(device=device, dtype=dtype)
     else:
-        if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-            raise HarnessError(f"model path {name!r} does not exist; pass an existing folder or one "
-                               f"of: {', '.join(MODELS.names())}")
+        _check_path(name)
         model, tok = _load_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
                                       else name, device, dtype, trust_remote_code)
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _check_path(name: str) -> None:
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise HarnessError(f"model path {name!r} does not exist; pass an existing folder or one "
+                           f"of: {', '.join(MODELS.names())}")
 
 
 def model_config(name: str, trust_remote_code: bool = False):
@@ -166,6 +170,7 @@ def model_config(name: str, trust_remote_code: bool = False):
     if name == "tiny-llama":
         tok = AutoTokenizer.from_pretrained(_converted_smollm2())
         return tiny_llama_config(len(tok))
+    _check_path(name)
     path = Path(name).expanduser()
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name,

@@ -33,6 +33,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.quant.bitpack import pack_bits, unpack_bits
+from harness.quant.bitpack import packed_nbytes as _bitpack_nbytes
 
 LATENT_INIT = 0.01  # reference: weight = sign(W) * 0.01 after SVID
 LN_EPS = 1e-5  # nn.LayerNorm's default, as the reference BitLinear
@@ -219,7 +220,7 @@ class OneBitLinear(nn.Module):
         nn.Module.__init__(module)
         module.in_features, module.out_features = in_features, out_features
         module.is_packed = True
-        n_bytes = pack_bits(torch.zeros(in_features * out_features, dtype=torch.uint8), 1).numel()
+        n_bytes = _bitpack_nbytes(in_features * out_features, 1)  # the packer's own size
         half = {"dtype": torch.float16, "device": device}
         module.register_buffer("sign_bits", torch.zeros(n_bytes, dtype=torch.uint8, device=device))
         module.register_buffer("g", torch.zeros(in_features, **half))

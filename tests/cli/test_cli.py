@@ -40,7 +40,7 @@ def test_run_rtn_then_list_show_and_resume(run_cli, tmp_path):
     (["run", "--methods", "rtn", "--bits", "9", *QUICK], "bits"),
     (["run", "--methods", "rtn", "--group-size", "48", *QUICK], "group"),
     (["run", "--methods", "rtn", "--model", "/no/such/model"], "does not exist"),
-    (["show", "nope"], "no run"),
+    (["show", "nope"], "does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2(run_cli, args, needle):
     code, out, err = run_cli(*args)

@@ -13,8 +13,8 @@ from harness.quant.formats import QuantFormat
 from harness.quant.primitives import fake_quantize
 
 
-def fmt(bits: int = 2, group_size: int = 32) -> QuantFormat:
-    return QuantFormat(fmt="int", bits=bits, group_size=group_size, symmetric=False)
+def fmt(bits: int = 2, group_size: int = 32, kind: str = "int") -> QuantFormat:
+    return QuantFormat(fmt=kind, bits=bits, group_size=group_size, symmetric=False)
 
 
 def outlier_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -29,10 +29,11 @@ def inputs(n: int, cols: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, cols, generator=torch.Generator().manual_seed(seed))
 
 
-def test_outliers_clip_lowers_output_error_and_keeps_input():
+@pytest.mark.parametrize("qformat", [fmt(), fmt(3, kind="nf3")], ids=["int2", "nf3"])
+def test_outliers_clip_lowers_output_error_and_keeps_input(qformat):
     w, x = outlier_weight(48, 64), inputs(300, 64)
     original = w.clone()
-    res = clip_search(w, x, fmt(), n_tokens=256)
+    res = clip_search(w, x, qformat, n_tokens=256)
     assert torch.equal(w, original)  # never in place
     assert res.weight.shape == w.shape and res.weight.dtype == w.dtype
     assert res.err_after < res.err_before

@@ -1,0 +1,66 @@
+"""Quantization formats as validated configs, and group-size resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from harness.errors import HarnessError
+
+CANDIDATE_GROUPS = (32, 64, 128, 256, 512, 1024)
+
+
+class QuantFormat(BaseModel):
+    """A weight format: integer (asym/sym, 1-8 bits), NF3 asymmetric, or binary (OneBit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fmt: Literal["int", "nf3", "binary"] = "int"
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.fmt == "int" and not 1 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits} is outside 1-8 for integer formats; pick 1..8")
+        if self.fmt == "nf3" and self.bits != 3:
+            raise ValueError(f"nf3 is a 3-bit format (got bits={self.bits}); use fmt=int for "
+                             f"{self.bits} bits")
+        if self.fmt == "binary" and self.bits != 1:
+            raise ValueError("binary is a 1-bit format; set bits=1")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size}: use -1 (per row) or a positive size")
+        return self
+
+    def divisible(self, in_features: int) -> bool:
+        return self.group_size == -1 or in_features % self.group_size == 0
+
+
+def valid_group_sizes(in_features: Iterable[int]) -> list[int]:
+    dims = list(in_features)
+    return [g for g in CANDIDATE_GROUPS if all(d % g == 0 for d in dims)] + [-1]
+
+
+def resolve_group_size(in_features: Iterable[int], requested: int | str | None) -> int:
+    """The group size a run uses.
+
+    ``None``/``"auto"``: 128 if it divides every quantized layer's input, else the largest of
+    64 and 32 that does, else -1 (per row). An explicit size must divide every input.
+
+    Raises:
+        HarnessError: an explicit size that does not divide, listing the sizes that do.
+    """
+    dims = sorted(set(in_features))
+    if requested in (None, "auto"):
+        for g in (128, 64, 32):
+            if all(d % g == 0 for d in dims):
+                return g
+        return -1
+    g = int(requested)
+    if g == -1 or (g > 0 and all(d % g == 0 for d in dims)):
+        return g
+    raise HarnessError(f"group size {g} does not divide the quantized layers' input dims "
+                       f"{dims}; use one of {valid_group_sizes(dims)}")

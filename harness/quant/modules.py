@@ -1,0 +1,34 @@
+"""Finding and replacing the linears a method quantizes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` inside the decoder blocks.
+
+    Decoder blocks live under ``...layers.N`` (llama/mistral/qwen ``model.layers``, OPT
+    ``model.decoder.layers``); embeddings and lm_head sit outside and stay full precision.
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+
+
+def replace_linears(model: nn.Module, names: list[str],
+                    factory: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
+    """Replaces each named submodule by ``factory(name, module)`` in place; returns ``model``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factory(name, getattr(parent, child)))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module that reports packed storage (QuantLinear, OneBit...)."""
+    for name, m in model.named_modules():
+        if hasattr(m, "packed_nbytes") and hasattr(m, "num_weights"):
+            yield name, m

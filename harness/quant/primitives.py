@@ -1,0 +1,186 @@
+"""Pure quantization primitives: choose params, quantize, dequantize, fake-quantize (STE).
+
+Formulas are ../shared/METHODS.md's. Groups run along each row's input dimension (w is
+``[out, in]``); ``group_size=-1`` is one group per row. No module state, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.errors import HarnessError
+
+# BitDistiller's "n2f3" grid: asymmetric NF3 (positive side divided by max, negative by |min|).
+NF3_LEVELS = (-1.0, -0.5350227355957031, -0.2469314038753510, 0.0, 0.1833375245332718,
+              0.3819939494132996, 0.6229856610298157, 1.0)
+NF3_THRESHOLDS = (-0.7675113677978516, -0.39097706973552704, -0.1234657019376755,
+                  0.0916687622666359, 0.2826657369732857, 0.5024898052215576,
+                  0.8114928305149078)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero: sign(x) * floor(|x| + 0.5) (torch.round is half-to-even)."""
+    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Forward: round half away from zero. Backward: identity (straight-through)."""
+    return x + (round_half_away(x) - x).detach()
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    if w.dim() != 2:
+        raise HarnessError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    if g <= 0 or in_f % g:
+        from harness.quant.formats import valid_group_sizes
+
+        raise HarnessError(f"group size {group_size} does not divide the input dimension {in_f}; "
+                           f"use one of {valid_group_sizes([in_f])}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def _check(fmt: str, bits: int) -> None:
+    if fmt == "int" and not 1 <= bits <= 8:
+        raise HarnessError(f"bits={bits} is outside 1-8 for integer formats; pick 1..8")
+    if fmt == "nf3" and bits != 3:
+        raise HarnessError(f"nf3 is a 3-bit format, got bits={bits}; use fmt=int for {bits} bits")
+    if fmt not in ("int", "nf3"):
+        raise HarnessError(f"unknown format {fmt!r}; use int or nf3 (binary is OneBit's layer)")
+
+
+def _round_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
+    """Rounds to the storage dtype with a straight-through gradient (value = stored scale)."""
+    if scale_dtype is None:
+        return scale
+    return scale + (scale.to(scale_dtype).to(scale.dtype) - scale).detach()
+
+
+def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
+    if symmetric:
+        qmax = max(2 ** (bits - 1) - 1, 1)  # 1-bit symmetric: codes {-1, 0} scaled by max|w|
+        scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-5) / qmax
+        return _round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
+    qmax = 2**bits - 1
+    mx, mn = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
+    scale = _round_scale((mx - mn).clamp(min=1e-5) / qmax, scale_dtype)
+    zero = torch.clamp(-round_half_away(mn / scale), 0, qmax).detach()
+    return scale, zero, 0, qmax
+
+
+def _nf3_params(g: torch.Tensor, scale_dtype):
+    mx = g.amax(-1, keepdim=True).clamp(min=1e-5)
+    mn = g.amin(-1, keepdim=True).abs().clamp(min=1e-5)
+    return _round_scale(mx, scale_dtype), _round_scale(mn, scale_dtype)
+
+
+def _nf3_codes(normed: torch.Tensor) -> torch.Tensor:
+    th = torch.tensor(NF3_THRESHOLDS, dtype=normed.dtype, device=normed.device)
+    # right=True: a value equal to a threshold goes up (METHODS.md: ">= it rounds to 0").
+    return torch.bucketize(normed.contiguous(), th, right=True)
+
+
+def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
+                  symmetric: bool = False, *, detach_scales: bool = False,
+                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``w`` with straight-through rounding.
+
+    Args:
+        w: ``[out, in]`` weight.
+        fmt: ``"int"`` (asymmetric or symmetric integer) or ``"nf3"``.
+        bits: 1-8 for int, 3 for nf3.
+        group_size: group along the input dimension; -1 = whole row.
+        symmetric: symmetric integer grid.
+        detach_scales: stop gradients into scales (min/max); by default they flow, as in the
+            reference code.
+        scale_dtype: round scales to this dtype first (fp16 = what packed storage holds).
+
+    Returns:
+        Tensor of ``w``'s shape and dtype.
+
+    Raises:
+        HarnessError: bad format/bits or a group size that does not divide the input dim.
+    """
+    _check(fmt, bits)
+    x = _grouped(w.float(), group_size)
+    if fmt == "nf3":
+        mx, mn = _nf3_params(x, scale_dtype)
+        if detach_scales:
+            mx, mn = mx.detach(), mn.detach()
+        normed = torch.where(x >= 0, x / mx, x / mn)
+        levels = torch.tensor(NF3_LEVELS, dtype=x.dtype, device=x.device)
+        q = levels[_nf3_codes(normed.detach())]
+        exact = torch.where(x >= 0, q * mx, q * mn).detach()
+        # Straight-through surrogate for the gradient; `s - s.detach()` is exactly 0 in the
+        # forward pass, so the value stays bit-identical to packed dequantization.
+        ste = normed + (q - normed).detach()
+        surrogate = torch.where(x >= 0, ste * mx, ste * mn)
+        out = exact + (surrogate - surrogate.detach())
+    else:
+        scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
+        if detach_scales:
+            scale = scale.detach()
+        if zero is None:
+            out = torch.clamp(ste_round(x / scale), qmin, qmax) * scale
+        else:
+            out = (torch.clamp(ste_round(x / scale) + zero, 0, qmax) - zero) * scale
+    return out.reshape(w.shape).to(w.dtype)
+
+
+@dataclass
+class QParams:
+    """Integer codes and their parameters. Codes are unsigned (symmetric codes offset by
+    2^(bits-1)); ``scales`` is ``[out, n_groups]`` (nf3: positive-side max), ``zeros`` the
+    integer zero points (int asym) or the negative-side |min| (nf3)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    fmt: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    shape: tuple[int, int]
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
+             symmetric: bool = False, scale_dtype: torch.dtype = torch.float16) -> QParams:
+    """Codes + parameters such that ``dequantize(quantize(w)) == fake_quantize(w,
+    scale_dtype=scale_dtype)`` exactly."""
+    _check(fmt, bits)
+    x = _grouped(w.float(), group_size)
+    if fmt == "nf3":
+        mx, mn = _nf3_params(x, scale_dtype)
+        normed = torch.where(x >= 0, x / mx, x / mn)
+        codes = _nf3_codes(normed).to(torch.uint8)
+        scales, zeros = mx.squeeze(-1).to(scale_dtype), mn.squeeze(-1).to(scale_dtype)
+    else:
+        scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
+        if zero is None:
+            codes = (torch.clamp(round_half_away(x / scale), qmin, qmax) - qmin).to(torch.uint8)
+            zeros = None
+        else:
+            codes = torch.clamp(round_half_away(x / scale) + zero, 0, qmax).to(torch.uint8)
+            zeros = zero.squeeze(-1).to(torch.uint8)
+        scales = scale.squeeze(-1).to(scale_dtype)
+    return QParams(codes.reshape(w.shape), scales, zeros, fmt, bits,
+                   group_size, symmetric, tuple(w.shape))
+
+
+def dequantize(q: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights from codes; computed in float32 exactly as :func:`fake_quantize` does."""
+    x = _grouped(q.codes, q.group_size).float()
+    s = q.scales.float().unsqueeze(-1)
+    if q.fmt == "nf3":
+        levels = torch.tensor(NF3_LEVELS, dtype=torch.float32, device=x.device)
+        lv = levels[x.long()]
+        out = torch.where(lv >= 0, lv * s, lv * q.zeros.float().unsqueeze(-1))
+    elif q.zeros is None:
+        out = (x + (-(2 ** (q.bits - 1)))) * s
+    else:
+        out = (x - q.zeros.float().unsqueeze(-1)) * s
+    return out.reshape(q.shape).to(dtype)
