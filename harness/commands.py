@@ -43,16 +43,31 @@ def _specs_from_flags(args) -> list:
         overrides["group_size"] = args.group_size
     eval_over = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len,
                  "tasks": args.tasks, "limit": args.limit}
+    overrides_for = _route_overrides(args.methods, overrides)
     specs = []
     for method in args.methods:
         for bits in args.bits or [None]:
-            over = dict(overrides)
+            over = dict(overrides_for[method])
             if bits is not None:
                 over["bits"] = bits
             spec = build_spec(model, method, over, profile, args.seed, eval_over, in_features)
             if spec not in specs:
                 specs.append(spec)
     return specs
+
+
+def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:
+    """Gives each method the ``--set`` keys its config has; a key no method has is an error."""
+    from harness.registry import get_method
+
+    fields = {m: set(get_method(m).Config.model_fields) for m in methods}
+    known = set().union(*fields.values()) | {"bits", "group_size"}
+    for key in overrides:
+        if key not in known:
+            raise HarnessError(f"--set {key}: no requested method has that setting; valid keys: "
+                               f"{', '.join(sorted(known))}")
+    return {m: {k: v for k, v in overrides.items() if k in fields[m] or k in ("bits", "group_size")}
+            for m in methods}
 
 
 def cmd_run(args) -> int:
@@ -108,7 +123,8 @@ def cmd_run(args) -> int:
 def _announce(specs) -> None:
     for spec in specs:
         g = spec.group_size
-        detail = f"bits={spec.bits} group={g}" if spec.bits is not None else "full precision"
+        detail = (f"fmt={spec.fmt} bits={spec.bits} group={g}" if spec.bits is not None
+                  else "full precision")
         print(f"[{spec.run_key}] {spec.method:12s} {spec.model} {detail} profile={spec.profile}",
               file=sys.stderr)
 

@@ -120,7 +120,8 @@ class RunSpec(BaseModel):
 
     @property
     def bits(self) -> int | None:
-        return _find(self.config, "bits")
+        bits = _find(self.config, "bits")
+        return bits if bits is not None else _find(self.config, "weight_bits")
 
     @property
     def group_size(self) -> int | None:

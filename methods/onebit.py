@@ -17,6 +17,8 @@ from methods.base import Method, MethodConfig, Objective
 
 
 class OneBitConfig(MethodConfig):
+    fmt: Literal["binary"] = Field("binary", description="sign bits + fp16 value vectors g, h")
+    weight_bits: Literal[1] = 1
     init: Literal["nmf", "svd"] = Field("nmf", description="SVID factorisation of |W|")
     alpha: float = Field(1.0, ge=0, description="weight of the hidden-state loss")
     weighting: Literal["paper", "code"] = Field(
