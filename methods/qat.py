@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from harness.registry import register_method
 from harness.train.config import TrainConfig
@@ -21,6 +21,15 @@ class QATConfig(ClipConfig):
                                           description="extra loss arguments, e.g. {beta: 0.5}")
     data: Literal["corpus", "teacher"] = "corpus"
     train: TrainConfig = TrainConfig(lr=1e-5)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from harness.train.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; use one of {', '.join(LOSSES.names())}")
+        return v
 
 
 def make_objective(config, ctx, gamma: float | None = None) -> Objective:

@@ -1,0 +1,146 @@
+"""The ladder on tiny-llama through the real runner and store (integration tier)."""
+
+import json
+
+import pytest
+
+from harness.plan import build_spec
+from harness.scheduler import execute
+
+IN = {64, 192}
+TRAIN = {"steps": 6, "seq_len": 64, "batch_size": 2, "checkpoint_every": 2,
+         "teacher_samples": 8, "teacher_new_tokens": 32}
+EVAL = {"max_tokens": 1024, "seq_len": 256}
+
+
+def _spec(method, **over):
+    over.setdefault("bits", 3)
+    if method in ("qat", "bitdistiller", "onebit"):
+        over.setdefault("train", dict(TRAIN))
+    if method == "onebit":
+        over.pop("bits")
+    return build_spec("tiny-llama", method, over, "quick", 0, EVAL, IN)
+
+
+def test_clip_lowers_output_error_and_records_layer_stats(store, tmp_path):
+    [out] = execute([_spec("clip")], store, tmp_path)
+    assert out.status == "finished", out.error
+    stats = store.layer_stats(out.run_id)
+    before = {(s.layer, s.module): s.value for s in stats if s.stat == "rtn_output_mse"}
+    after = {(s.layer, s.module): s.value for s in stats if s.stat == "clip_output_mse"}
+    assert len(before) == 14  # 2 layers x 7 linears
+    assert all(after[k] <= before[k] + 1e-12 for k in before)
+    assert sum(after.values()) < sum(before.values())
+
+
+def test_bitdistiller_trains_on_teacher_data_and_stores_gamma(store, tmp_path):
+    [out] = execute([_spec("bitdistiller")], store, tmp_path)
+    assert out.status == "finished", out.error
+    m = store.metric_dict(out.run_id)
+    assert 0 < m["cakld_gamma"] < 1
+    assert [s.step for s in store.train_steps(out.run_id)] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / out.spec.run_key / "packed.safetensors").exists()
+
+
+def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
+    import harness.train.trainer as trainer
+
+    real = trainer._batch_at
+
+    def crash_at_step_3(data, step, micro, cfg):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real(data, step, micro, cfg)
+
+    spec = _spec("qat")
+    monkeypatch.setattr(trainer, "_batch_at", crash_at_step_3)
+    [first] = execute([spec], store, tmp_path)
+    assert first.status == "failed" and "simulated crash" in first.error
+    assert store.get_run(first.run_id).status == "failed"
+    monkeypatch.setattr(trainer, "_batch_at", real)
+    [second] = execute([spec], store, tmp_path)
+    assert second.status == "finished" and second.run_id == first.run_id
+    m = store.metric_dict(second.run_id)
+    assert m["resumed_from_step"] == 2  # last checkpoint before the crash
+    steps = [s.step for s in store.train_steps(second.run_id)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing duplicated
+    [third] = execute([spec], store, tmp_path)
+    assert third.status == "skipped"
+
+
+def test_nan_loss_fails_the_run_with_a_clear_message(store, tmp_path, monkeypatch):
+    import torch
+
+    import methods.qat as qat
+
+    real = qat.make_objective
+
+    def nan_objective(config, ctx, gamma=None):
+        obj = real(config, ctx, gamma)
+        obj.loss = lambda inputs: torch.tensor(float("nan"), requires_grad=True)
+        return obj
+
+    monkeypatch.setattr(qat, "make_objective", nan_objective)
+    [out] = execute([_spec("qat")], store, tmp_path)
+    assert out.status == "failed"
+    assert "loss is nan" in out.error and "learning rate" in out.error
+
+
+def test_corrupt_checkpoint_is_a_clear_error(store, tmp_path):
+    spec = _spec("qat")
+    ckpt = tmp_path / spec.run_key / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{not json")
+    [out] = execute([spec], store, tmp_path)
+    assert out.status == "failed" and "delete that folder" in out.error
+
+
+def test_onebit_stores_svid_vs_svd_and_one_bit_storage(store, tmp_path):
+    [out] = execute([_spec("onebit")], store, tmp_path)
+    assert out.status == "finished", out.error
+    m = store.metric_dict(out.run_id)
+    assert 1.0 < m["bits_per_weight"] < 1.6  # tiny 64-wide layers: value vectors weigh more
+    stats = {(s.layer, s.module, s.stat): s.value for s in store.layer_stats(out.run_id)}
+    svid = [v for k, v in stats.items() if k[2] == "svid_error"]
+    svd = [v for k, v in stats.items() if k[2] == "svd_rank1_error"]
+    assert len(svid) == len(svd) == 14
+
+
+def test_export_and_eval_cli(cli, db_url, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = cli("run", "--methods", "rtn", "--bits", "3", "--model", "tiny-llama",
+                       "--max-eval-tokens", "1024", "--seq-len", "256", "--db", db_url,
+                       "--output-dir", tmp_path / "runs")
+    assert code == 0, err
+    _, out, _ = cli("list", "--json", "--db", db_url)
+    rtn = next(r for r in json.loads(out) if r["method"] == "rtn")
+    code, _, err = cli("export", rtn["run_key"], tmp_path / "hf", "--db", db_url)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.num_hidden_layers == 2
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 60)
+    code, out, err = cli("eval", rtn["run_key"], "--text", text, "--seq-len", "128",
+                         "--db", db_url)
+    assert code == 0, err
+    assert out.startswith("ppl=") and "tokens=" in out
+    code, _, err = cli("eval", rtn["run_key"], "--text", tmp_path / "missing.txt", "--db", db_url)
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"loss": "klx"}, "unknown loss"),
+    ({"gamma": "papr"}, "gamma"),
+    ({"train": {"lr": -1}}, "lr"),
+    ({"train": {"steps": 0}}, "steps"),
+])
+def test_bad_training_config(over, needle):
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match=needle):
+        spec = _spec("bitdistiller", **over)
+        spec.method_config()
+        from harness.train.losses import get_loss
+
+        get_loss(spec.config["loss"])
