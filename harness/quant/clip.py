@@ -85,7 +85,7 @@ class _GroupError:
 
 @torch.no_grad()
 def clip_search(weight: torch.Tensor, x: torch.Tensor, qformat, *, n_grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 512, batch_out: int = 256,
+                max_shrink: float = 0.5, n_tokens: int = 512, batch_out: int = 128,
                 seed: int | None = 0) -> ClipResult:
     """Searches per-group clipping ranges of one linear layer's weight.
 
@@ -134,17 +134,22 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, qformat, *, n_grid: int =
         org_max, org_min = wg.amax(-1), wg.amin(-1)
         best_err = torch.full_like(org_max, float("inf"))
         best_max, best_min = org_max.clone(), org_min.clone()
+        # All min-shrink candidates of one max-shrink go through one fake-quantize call on a
+        # stacked [S * rows, in] tensor: the same math, ~S times fewer kernel launches.
+        min_vals = torch.stack([org_min * (1 - s_min) for s_min in shrinks])  # [S, rows, ng]
+        n_s = len(shrinks)
         for s_max in shrinks:
             max_val = org_max * (1 - s_max)
-            for s_min in shrinks:
-                min_val = org_min * (1 - s_min)
-                cur = torch.clamp(wg, min_val.unsqueeze(-1), max_val.unsqueeze(-1))
-                q = _quantize(cur.reshape(w.shape), qformat).reshape(wg.shape)
-                err = group_err(q - wg)
-                better = err < best_err  # strict: ties keep the earlier (smaller) shrink
-                best_err = torch.where(better, err, best_err)
+            cur = torch.clamp(wg.unsqueeze(0), min_vals.unsqueeze(-1),
+                              max_val.unsqueeze(0).unsqueeze(-1))
+            q = _quantize(cur.reshape(n_s * w.shape[0], in_f), qformat)
+            d = q.reshape(n_s, *wg.shape) - wg.unsqueeze(0)
+            errs = group_err(d.reshape(n_s * wg.shape[0], ng, gs)).reshape(n_s, *org_max.shape)
+            for i in range(n_s):  # in order, strict <: ties keep the smaller shrink
+                better = errs[i] < best_err
+                best_err = torch.where(better, errs[i], best_err)
                 best_max = torch.where(better, max_val, best_max)
-                best_min = torch.where(better, min_val, best_min)
+                best_min = torch.where(better, min_vals[i], best_min)
         w_clip = torch.clamp(wg, best_min.unsqueeze(-1), best_max.unsqueeze(-1))
         w_clip = w_clip.reshape(w.shape).to(weight.dtype)
         # Full-layer output error (cross-group terms included), of what is returned.

@@ -114,11 +114,14 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
         levels = torch.tensor(NF3_LEVELS, dtype=x.dtype, device=x.device)
         q = levels[_nf3_codes(normed.detach())]
         exact = torch.where(x >= 0, q * mx, q * mn).detach()
-        # Straight-through surrogate for the gradient; `s - s.detach()` is exactly 0 in the
-        # forward pass, so the value stays bit-identical to packed dequantization.
-        ste = normed + (q - normed).detach()
-        surrogate = torch.where(x >= 0, ste * mx, ste * mn)
-        out = exact + (surrogate - surrogate.detach())
+        if torch.is_grad_enabled() and w.requires_grad:
+            # Straight-through surrogate for the gradient; `s - s.detach()` is exactly 0 in the
+            # forward pass, so the value stays bit-identical to packed dequantization.
+            ste = normed + (q - normed).detach()
+            surrogate = torch.where(x >= 0, ste * mx, ste * mn)
+            out = exact + (surrogate - surrogate.detach())
+        else:
+            out = exact
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
         if detach_scales:
