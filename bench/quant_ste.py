@@ -94,7 +94,7 @@ def main() -> None:
                 fake_quantize(w, fmt, bits, group).backward(grad)
 
             t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)
-            name = f"{fmt}{bits} g{group}"
+            name = f"{fmt if fmt == 'nf3' else fmt + str(bits)} g{group}"
             print(f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
                   f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
                   f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
