@@ -87,10 +87,10 @@ def main() -> None:
         grad = torch.randn_like(w)
         floor = 4 * w.numel() * w.element_size() / bw
         for fmt, bits, group in CASES:
-            def ref():
+            def ref(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
                 reference_fake_quant(w, fmt, bits, group).backward(grad)
 
-            def ours():
+            def ours(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
                 fake_quantize(w, fmt, bits, group).backward(grad)
 
             t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)

@@ -26,7 +26,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = []
     for n, row in enumerate(cells):
         lines.append("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w)
-                               for c, w in zip(row, widths)).rstrip())
+                               for c, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

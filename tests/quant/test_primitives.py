@@ -46,7 +46,7 @@ def test_nf3_hand_computed():
     normed = [-1.0, -0.25, 0.15, 0.45, 1.0, -0.1, 0.55, 0.0]
     expect_levels = [-1.0, NF3_LEVELS[2], NF3_LEVELS[4], NF3_LEVELS[5], 1.0, 0.0, NF3_LEVELS[6], 0.0]
     scale = [4, 4, 2, 2, 2, 4, 2, 2]
-    expected = [lv * s for lv, s in zip(expect_levels, scale)]
+    expected = [lv * s for lv, s in zip(expect_levels, scale, strict=True)]
     del normed
     out = fake_quantize(w, "nf3", bits=3, group_size=-1)
     assert torch.allclose(out, torch.tensor([expected]), atol=1e-6)

@@ -49,7 +49,9 @@ def test_readonly_store_cannot_write(db_url, store):
     store.begin_run(_spec())
     ro = Store(db_url, readonly=True)
     assert len(ro.runs()) == 1
-    with pytest.raises(Exception):
+    from sqlalchemy.exc import OperationalError
+
+    with pytest.raises(OperationalError, match="readonly"):
         ro.begin_run(_spec(bits=2))
 
 
