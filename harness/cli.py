@@ -6,11 +6,9 @@ Bad input ends with ``error: <one line>`` on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.store import DEFAULT_DB
@@ -133,5 +131,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "build_parser", "Path", "json"]

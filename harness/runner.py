@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from harness.config import RunSpec
-from harness.errors import HarnessError
 from methods.base import RunContext
 
 log = logging.getLogger(__name__)
@@ -164,5 +163,3 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
         log.warning("%s: perplexity is not finite", spec.run_key)
     return metrics
 
-
-__all__ = ["execute_run", "evaluate", "build_context", "pick_device", "HarnessError"]

@@ -29,10 +29,7 @@ class WeightQuantConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check_format(self):
-        from harness.quant.formats import QuantFormat
-
         self.qformat()  # raises a one-line error for e.g. nf3 with 2 bits
-        del QuantFormat
         return self
 
     def qformat(self):

@@ -116,24 +116,9 @@ def generate_cli(args) -> int:
     prof = get_profile(args.profile or default_profile()).train
     samples = args.samples or prof.teacher_samples
     new_tokens = args.new_tokens or prof.teacher_new_tokens
-    dev = pick_device(args.device)
-    holder: dict = {}
-
-    def teacher():
-        if "m" not in holder:
-            holder["m"] = load_model(args.model, device=dev)[0]
-        return holder["m"]
-
-    _, tok = load_model(args.model, device="cpu") if args.model == "tiny-llama" else (None, None)
-    if tok is None:
-        from transformers import AutoTokenizer
-
-        from harness.models import _converted_smollm2
-
-        tok = (AutoTokenizer.from_pretrained(_converted_smollm2()) if args.model == "smollm2-135m"
-               else load_model(args.model)[1])
-    seqs = teacher_sequences(args.model, teacher, tok, samples, new_tokens, args.temperature,
-                             args.seed)
+    model, tok = load_model(args.model, device=pick_device(args.device))
+    seqs = teacher_sequences(args.model, lambda: model, tok, samples, new_tokens,
+                             args.temperature, args.seed)
     print(f"teacher data: {seqs.size(0)} sequences x {seqs.size(1)} tokens "
           f"(model {args.model}, temperature {args.temperature})")
     return 0

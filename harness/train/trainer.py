@@ -184,5 +184,6 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     if bar is not None:
         bar.close()
     model.eval()
-    ctx.recorder.metric("final_train_loss", loss_value)
+    if start < cfg.steps:  # a run resumed after its last step trained nothing new
+        ctx.recorder.metric("final_train_loss", loss_value)
     return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start}
