@@ -78,9 +78,10 @@ def cmd_run(args) -> int:
 
     experiment_id = None
     if args.experiment:
-        from harness.experiments import load_experiment
+        from harness.errors import require_module
 
-        exp = load_experiment(args.experiment, cli_args=args)
+        exp = require_module("harness.experiments", "experiment files").load_experiment(
+            args.experiment, cli_args=args)
         specs, scheduler, name = exp.specs, args.scheduler or exp.scheduler, exp.name
     else:
         specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
@@ -237,6 +238,6 @@ def cmd_gen_data(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from dashboard.launch import launch
+    from harness.errors import require_module
 
-    return launch(args.db, args.port)
+    return require_module("dashboard.launch", "the dashboard").launch(args.db, args.port)

@@ -12,5 +12,19 @@ class HarnessError(Exception):
     exit_code = 2
 
 
+def require_module(module: str, feature: str):
+    """Imports ``module`` or raises a one-line error saying ``feature`` is unavailable."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise HarnessError(f"{feature}: not available in this version of lowbit-harness "
+                               f"(module {module} is missing); use the CLI flags instead") from None
+        raise HarnessError(f"{feature} needs the package {exc.name!r}; install it "
+                           f"(pip install {exc.name})") from None
+
+
 class TrainingDiverged(HarnessError):
     """The loss became NaN or infinite: the run is marked failed with this message."""

@@ -172,8 +172,10 @@ def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int =
                      progress=True)
     out = {"ppl": res.ppl, "tokens": res.tokens}
     if tasks:
-        from harness.eval.accuracy import evaluate_tasks
+        from harness.errors import require_module
         from methods.base import NullRecorder
+
+        evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
 
         out.update(evaluate_tasks(model, tok, tuple(t for t in tasks.split(",") if t), limit,
                                   NullRecorder()))

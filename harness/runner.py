@@ -115,8 +115,9 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
     recorder.metric("eval_tokens_per_s", res.tokens / max(res.seconds, 1e-9))
     out.update(ppl=res.ppl, ppl_tokens=res.tokens)
     if spec.eval.tasks:
-        from harness.eval.accuracy import evaluate_tasks
+        from harness.errors import require_module
 
+        evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
         out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder))
     recorder.metric("peak_rss_mb", peak_rss_mb())
     recorder.metric("peak_gpu_mb", peak_gpu_mb())

@@ -82,8 +82,9 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         else:
             pending.append(spec)
     if scheduler == "ray" and pending:
-        from harness.ray_scheduler import run_with_ray
+        from harness.errors import require_module
 
+        run_with_ray = require_module("harness.ray_scheduler", "the Ray scheduler").run_with_ray
         for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
                                        ray_address, gpus_per_run).items():
             outcomes[h] = outcome
