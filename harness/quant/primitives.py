@@ -85,7 +85,7 @@ def _nf3_codes(normed: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
                   symmetric: bool = False, *, detach_scales: bool = False,
-                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  scale_dtype: torch.dtype | None = None, fused: bool = True) -> torch.Tensor:
     """Quantize-dequantize ``w`` with straight-through rounding.
 
     Args:
@@ -97,6 +97,8 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
         detach_scales: stop gradients into scales (min/max); by default they flow, as in the
             reference code.
         scale_dtype: round scales to this dtype first (fp16 = what packed storage holds).
+        fused: integer formats use one autograd Function with an analytic backward
+            (``harness.quant.fused``); ``False`` records the reference graph op by op.
 
     Returns:
         Tensor of ``w``'s shape and dtype.
@@ -122,6 +124,10 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
             out = exact + (surrogate - surrogate.detach())
         else:
             out = exact
+    elif fused and torch.is_grad_enabled() and w.requires_grad:
+        from harness.quant.fused import IntFakeQuant
+
+        out = IntFakeQuant.apply(x, bits, symmetric, detach_scales, scale_dtype)
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
         if detach_scales:
@@ -161,6 +167,10 @@ def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int =
         normed = torch.where(x >= 0, x / mx, x / mn)
         codes = _nf3_codes(normed).to(torch.uint8)
         scales, zeros = mx.squeeze(-1).to(scale_dtype), mn.squeeze(-1).to(scale_dtype)
+    elif fused and torch.is_grad_enabled() and w.requires_grad:
+        from harness.quant.fused import IntFakeQuant
+
+        out = IntFakeQuant.apply(x, bits, symmetric, detach_scales, scale_dtype)
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
         if zero is None:
