@@ -167,10 +167,6 @@ def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int =
         normed = torch.where(x >= 0, x / mx, x / mn)
         codes = _nf3_codes(normed).to(torch.uint8)
         scales, zeros = mx.squeeze(-1).to(scale_dtype), mn.squeeze(-1).to(scale_dtype)
-    elif fused and torch.is_grad_enabled() and w.requires_grad:
-        from harness.quant.fused import IntFakeQuant
-
-        out = IntFakeQuant.apply(x, bits, symmetric, detach_scales, scale_dtype)
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
         if zero is None:
