@@ -5,6 +5,12 @@ from harness.errors import HarnessError
 from harness.train import teacher_data as td
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Teacher files go to a fresh folder: a warm shared cache must not decide the outcome."""
+    monkeypatch.setattr(td, "cache_dir", lambda: tmp_path)
+
+
 def test_generate_cache_and_reuse(tiny, monkeypatch):
     model, tok = tiny
     calls = []
@@ -32,11 +38,8 @@ def test_cache_of_another_model_is_refused(tiny):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"sequences": torch.zeros(2, 36, dtype=torch.long)}, str(path),
               metadata={"model": "someone-else"})
-    try:
-        with pytest.raises(HarnessError, match="someone-else"):
-            td.teacher_sequences("tiny-llama", lambda: model, tok, 2, 4, 0.7, 12, progress=False)
-    finally:
-        path.unlink()
+    with pytest.raises(HarnessError, match="someone-else"):
+        td.teacher_sequences("tiny-llama", lambda: model, tok, 2, 4, 0.7, 12, progress=False)
 
 
 def test_gen_data_cli(cli):
