@@ -41,17 +41,31 @@ def run_dir_for(output_dir: Path, spec: RunSpec) -> Path:
 
 
 class _Timer:
-    def __init__(self, recorder, name: str) -> None:
+    """Times a stage and records its peak host RSS and GPU memory (``peak_*_mb_<stage>``);
+    ``peaks`` collects them so the run's overall peaks are the maxima over stages."""
+
+    def __init__(self, recorder, name: str, peaks: dict | None = None) -> None:
         self.recorder, self.name = recorder, name
+        self.peaks = peaks if peaks is not None else {}
 
     def __enter__(self):
+        from harness.eval.memory import reset_peaks
+
+        reset_peaks()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        from harness.eval.memory import window_peaks
+
         self.seconds = time.perf_counter() - self.start
         if exc[0] is None:
             self.recorder.metric(f"time_{self.name}_s", self.seconds)
+            peaks = window_peaks()
+            self.recorder.metric(f"peak_rss_mb_{self.name}", peaks["rss"])
+            self.recorder.metric(f"peak_gpu_mb_{self.name}", peaks["gpu"])
+            for kind, value in peaks.items():
+                self.peaks[kind] = max(self.peaks.get(kind, 0.0), value)
 
 
 def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
@@ -96,7 +110,7 @@ def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
 def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -> dict:
     """Paper-style perplexity on the held-out plays plus memory; returns the metrics."""
     from harness import data
-    from harness.eval.memory import model_memory, peak_gpu_mb, peak_rss_mb
+    from harness.eval.memory import model_memory
     from harness.eval.ppl import perplexity
 
     out: dict[str, float] = {}
@@ -119,8 +133,6 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
 
         evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
         out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder))
-    recorder.metric("peak_rss_mb", peak_rss_mb())
-    recorder.metric("peak_gpu_mb", peak_gpu_mb())
     return out
 
 
@@ -140,26 +152,30 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     method_cls = get_method(spec.method)
     method = method_cls(spec.method_config())
     run_dir = run_dir_for(Path(output_dir), spec)
-    with _Timer(recorder, "load"):
+    peaks: dict[str, float] = {}
+    with _Timer(recorder, "load", peaks):
         model, tokenizer = load_model(spec.model, device=dev)
     ctx = build_context(spec, model, tokenizer, recorder, run_dir, dev)
-    with _Timer(recorder, "prepare"):
+    with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
     objective = method.objective(ctx)
     if objective is not None:
         for name, value in objective.metrics.items():
             recorder.metric(name, value)
-        with _Timer(recorder, "train"):
+        with _Timer(recorder, "train", peaks):
             train(model, objective, method.config.train, ctx, progress=progress)
-    with _Timer(recorder, "finalize"):
+    with _Timer(recorder, "finalize", peaks):
         model = method.finalize(model, ctx)
     if method_cls.quantizes:
         from harness.export import save_packed
 
         path = save_packed(model, spec, run_dir)
         recorder.artifact("packed", str(path))
-    with _Timer(recorder, "eval"):
+    with _Timer(recorder, "eval", peaks):
         metrics = evaluate(model, tokenizer, spec, recorder, progress=progress)
+    recorder.metric("peak_rss_mb", peaks["rss"])
+    recorder.metric("peak_gpu_mb", peaks["gpu"])
+    metrics.update(peak_rss_mb=peaks["rss"], peak_gpu_mb=peaks["gpu"])
     if not torch.isfinite(torch.tensor(metrics["ppl"])):
         log.warning("%s: perplexity is not finite", spec.run_key)
     return metrics

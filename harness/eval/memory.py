@@ -58,3 +58,32 @@ def peak_rss_mb() -> float:
 
 def peak_gpu_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peaks() -> None:
+    """Starts a new peak-memory window: CUDA's allocator peak and, on Linux, the process's RSS
+    high-water mark (``/proc/self/clear_refs``); elsewhere RSS peaks stay cumulative."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def window_peaks() -> dict[str, float]:
+    """Peak host RSS and GPU memory (MB) since the last :func:`reset_peaks`."""
+    rss = _vm_hwm_mb()
+    return {"rss": rss if rss is not None else peak_rss_mb(), "gpu": peak_gpu_mb()}

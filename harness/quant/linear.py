@@ -99,8 +99,13 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if not self.packed:
             q = self.qformat
+            out_dtype = None
+            if self.weight.is_cuda and torch.is_autocast_enabled("cuda"):
+                # The matmul runs in the autocast dtype anyway: let the kernel write it directly.
+                out_dtype = torch.get_autocast_dtype("cuda")
             return fake_quantize(self.weight, q.fmt, q.bits, q.group_size, q.symmetric,
-                                 detach_scales=self.detach_scales, scale_dtype=torch.float16)
+                                 detach_scales=self.detach_scales, scale_dtype=torch.float16,
+                                 out_dtype=out_dtype)
         # Unpacking costs a few ms per layer; keep the result while the buffers are unchanged.
         if self._dequant_cache is None or self._dequant_cache.device != self.q_codes.device:
             self._dequant_cache = self.packed_tensor().dequantize(torch.float32)

@@ -85,7 +85,8 @@ def _nf3_codes(normed: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
                   symmetric: bool = False, *, detach_scales: bool = False,
-                  scale_dtype: torch.dtype | None = None, fused: bool = True) -> torch.Tensor:
+                  scale_dtype: torch.dtype | None = None, fused: bool = True,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quantize-dequantize ``w`` with straight-through rounding.
 
     Args:
@@ -97,16 +98,26 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
         detach_scales: stop gradients into scales (min/max); by default they flow, as in the
             reference code.
         scale_dtype: round scales to this dtype first (fp16 = what packed storage holds).
-        fused: integer formats use one autograd Function with an analytic backward
-            (``harness.quant.fused``); ``False`` records the reference graph op by op.
+        fused: on CUDA with Triton, one fused kernel per pass for every format
+            (``harness.quant.triton_fq``); elsewhere integer formats use one autograd Function
+            with an analytic backward (``harness.quant.fused``). ``False`` records the
+            reference graph op by op.
+        out_dtype: dtype of the result (default ``w``'s); the fused CUDA kernel writes it
+            directly, sparing a cast pass under autocast.
 
     Returns:
-        Tensor of ``w``'s shape and dtype.
+        Tensor of ``w``'s shape, in ``out_dtype`` or ``w``'s dtype.
 
     Raises:
         HarnessError: bad format/bits or a group size that does not divide the input dim.
     """
     _check(fmt, bits)
+    if fused and w.is_cuda and scale_dtype in (None, torch.float16) and _triton_ok():
+        _grouped(w, group_size)  # validates shape and group size with the usual errors
+        from harness.quant.triton_fq import fake_quantize_triton
+
+        return fake_quantize_triton(w, fmt, bits, group_size, symmetric, detach_scales,
+                                    scale_dtype, out_dtype)
     x = _grouped(w.float(), group_size)
     if fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)
@@ -136,7 +147,20 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
             out = torch.clamp(ste_round(x / scale), qmin, qmax) * scale
         else:
             out = (torch.clamp(ste_round(x / scale) + zero, 0, qmax) - zero) * scale
-    return out.reshape(w.shape).to(w.dtype)
+    return out.reshape(w.shape).to(out_dtype or w.dtype)
+
+
+_TRITON: bool | None = None
+
+
+def _triton_ok() -> bool:
+    """Triton importable (CUDA machines); checked once. The CPU path never imports it."""
+    global _TRITON
+    if _TRITON is None:
+        import importlib.util
+
+        _TRITON = importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 @dataclass
