@@ -159,7 +159,7 @@ def _launch(x: torch.Tensor, g: torch.Tensor | None, group: int, mode: int, bits
         qmin, qmax = 0, 2**bits - 1
     _fq_kernel[grid](x, g if g is not None else x, out, n_groups, G=group, BLOCK_G=block_g,
                      BLOCK_R=block_r, MODE=mode, QMIN=qmin, QMAX=qmax, FP16_SCALE=fp16_scale,
-                     BACKWARD=g is not None, DETACH=detach,
+                     BACKWARD=g is not None, DETACH=detach and g is not None,
                      num_warps=4 if block_g * block_r <= 4096 else 8)
     return out
 

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.gpu
 
 FORMATS = [("int", 2, 16, False), ("int", 3, 32, False), ("int", 1, 16, False),
            ("int", 8, 16, False), ("int", 4, -1, False), ("int", 2, 24, False),
-           ("int", 3, 16, True), ("int", 1, 16, True), ("int", 4, -1, True),
-           ("nf3", 3, 16, False), ("nf3", 3, 64, False), ("nf3", 3, -1, False)]
+           ("int", 3, 16, True), ("int", 1, 16, True), ("nf3", 3, 16, False),
+           ("nf3", 3, -1, False)]
+# (detach_scales, scale_dtype): every kernel variant compiles once, so keep the product small.
+SCALES = [(False, torch.float16), (True, torch.float16), (False, None)]
 
 
 def _weight(dtype, cols):
@@ -27,10 +29,11 @@ def _weight(dtype, cols):
     return w.to(dtype).cuda()
 
 
-@pytest.mark.parametrize("case,detach,scale_dtype,dtype", list(itertools.product(
-    FORMATS, [False, True], [None, torch.float16], [torch.float32, torch.bfloat16])))
-def test_triton_matches_reference(case, detach, scale_dtype, dtype):
+@pytest.mark.parametrize("case,scales,dtype", list(itertools.product(
+    FORMATS, SCALES, [torch.float32, torch.bfloat16])))
+def test_triton_matches_reference(case, scales, dtype):
     fmt, bits, group, sym = case
+    detach, scale_dtype = scales
     w = _weight(dtype, 48 if group == 24 else 128)
     g = torch.randn(w.shape, device="cuda").to(dtype)
     outs, grads = [], []
