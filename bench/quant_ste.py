@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tiles", default="", help="CUDA: also time the Triton kernel at these "
+                    "elements-per-program values (comma list), bf16 only")
     args = ap.parse_args()
     device = torch.device(args.device)
     bw = copy_bandwidth(device)
@@ -95,6 +97,15 @@ def main() -> None:
 
             t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)
             name = f"{fmt if fmt == 'nf3' else fmt + str(bits)} g{group}"
+            if args.tiles and device.type == "cuda" and dtype == torch.bfloat16:
+                from harness.quant import triton_fq
+
+                default, sweep = triton_fq.TILE, []
+                for tile in map(int, args.tiles.split(",")):
+                    triton_fq.TILE = tile
+                    sweep.append(f"{tile}:{timed(ours, device, args.reps) / floor:.1f}")
+                triton_fq.TILE = default
+                print(f"  tile sweep {name} (elements per program: ours/floor) {' '.join(sweep)}")
             print(f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
                   f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
                   f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")

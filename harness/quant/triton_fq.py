@@ -72,7 +72,8 @@ def _tile(pid, n_groups, G: tl.constexpr, BLOCK_G: tl.constexpr,
 @triton.jit
 def _fq_kernel(x_ptr, g_ptr, out_ptr, n_groups, G: tl.constexpr, BLOCK_G: tl.constexpr,
                BLOCK_R: tl.constexpr, MODE: tl.constexpr,
-               QMIN: tl.constexpr, QMAX: tl.constexpr, FP16_SCALE: tl.constexpr,
+               QMIN: tl.constexpr, QMAX: tl.constexpr, INV_QMAX: tl.constexpr,
+               FP16_SCALE: tl.constexpr,
                BACKWARD: tl.constexpr, DETACH: tl.constexpr):
     pid = tl.program_id(0)
     offs, mask = _tile(pid, n_groups, G, BLOCK_G, BLOCK_R)
@@ -106,7 +107,7 @@ def _fq_kernel(x_ptr, g_ptr, out_ptr, n_groups, G: tl.constexpr, BLOCK_G: tl.con
             tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     elif MODE == 1:
         absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), 1)[:, None]
-        scale = _to_scale(tl.math.div_rn(tl.maximum(absmax, 1e-5), QMAX * 1.0), FP16_SCALE)
+        scale = _to_scale(tl.maximum(absmax, 1e-5) * INV_QMAX, FP16_SCALE)
         v = tl.math.div_rn(x, scale)
         r = _rha(v)
         codes = tl.minimum(tl.maximum(r, QMIN * 1.0), QMAX * 1.0)
@@ -125,7 +126,7 @@ def _fq_kernel(x_ptr, g_ptr, out_ptr, n_groups, G: tl.constexpr, BLOCK_G: tl.con
     else:
         mx = tl.max(tl.where(mask, x, float("-inf")), 1)[:, None]
         mn = tl.min(tl.where(mask, x, float("inf")), 1)[:, None]
-        scale = _to_scale(tl.math.div_rn(tl.maximum(mx - mn, 1e-5), QMAX * 1.0), FP16_SCALE)
+        scale = _to_scale(tl.maximum(mx - mn, 1e-5) * INV_QMAX, FP16_SCALE)
         zero = tl.minimum(tl.maximum(-_rha(tl.math.div_rn(mn, scale)), 0.0), QMAX * 1.0)
         v = tl.math.div_rn(x, scale)
         r = _rha(v) + zero
@@ -146,19 +147,29 @@ def _fq_kernel(x_ptr, g_ptr, out_ptr, n_groups, G: tl.constexpr, BLOCK_G: tl.con
             tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _f32_reciprocal(n: int) -> float:
+    # torch on CUDA divides a tensor by a Python scalar as a * (1/b) with 1/b in float32; the
+    # scale is computed the same way so the forward stays bit-identical to torch's CUDA ops.
+    return torch.tensor(1.0, dtype=torch.float32).div(n).item()
+
+
+TILE = 4096  # elements per program (whole groups); bench/quant_ste.py --tiles sweeps it
+
+
 def _launch(x: torch.Tensor, g: torch.Tensor | None, group: int, mode: int, bits: int,
             fp16_scale: bool, detach: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     out = torch.empty_like(x, dtype=out_dtype or x.dtype)
     n_groups = x.numel() // group
     block_g = triton.next_power_of_2(group)
-    block_r = max(1, min(64, 4096 // block_g))
+    block_r = max(1, min(64, TILE // block_g))
     grid = (triton.cdiv(n_groups, block_r),)
     if mode == MODE_SYM:
         qmin, qmax = -(2 ** (bits - 1)), max(2 ** (bits - 1) - 1, 1)
     else:
         qmin, qmax = 0, 2**bits - 1
     _fq_kernel[grid](x, g if g is not None else x, out, n_groups, G=group, BLOCK_G=block_g,
-                     BLOCK_R=block_r, MODE=mode, QMIN=qmin, QMAX=qmax, FP16_SCALE=fp16_scale,
+                     BLOCK_R=block_r, MODE=mode, QMIN=qmin, QMAX=qmax,
+                     INV_QMAX=_f32_reciprocal(qmax), FP16_SCALE=fp16_scale,
                      BACKWARD=g is not None, DETACH=detach and g is not None,
                      num_warps=4 if block_g * block_r <= 4096 else 8)
     return out
