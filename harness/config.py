@@ -50,13 +50,18 @@ class Profile(BaseModel):
     train: TrainDefaults
 
 
+# The offline lm-eval tasks built from the held-out plays (harness/eval/task_data.py), run after
+# perplexity. Quick: the first 50 examples of each; SmolLM2 on 2 shared CPU cores spends roughly
+# 45 s (cloze) + 60-90 s (next line) on them. Full: every example (<= 2,000 per task).
+OFFLINE_TASKS = ("shakespeare_cloze", "shakespeare_nextline")
+
 PROFILES: dict[str, Profile] = {
     # CPU default: SmolLM2 evaluates ~450 tokens/s on 2 cores, a 4x256 training step takes
     # seconds, so a method finishes in minutes. 16,384 held-out tokens = 8 windows of 2048.
     "quick": Profile(
         name="quick",
         description="CPU-sized: first 16,384 held-out tokens, short training",
-        eval=EvalSpec(seq_len=2048, max_tokens=16384),
+        eval=EvalSpec(seq_len=2048, max_tokens=16384, tasks=OFFLINE_TASKS, limit=50),
         train=TrainDefaults(steps=40, batch_size=4, seq_len=256, teacher_samples=64,
                             teacher_new_tokens=256),
     ),
@@ -64,7 +69,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         description="GPU-sized: whole held-out set, long training",
-        eval=EvalSpec(seq_len=2048, max_tokens=None),
+        eval=EvalSpec(seq_len=2048, max_tokens=None, tasks=OFFLINE_TASKS, limit=None),
         train=TrainDefaults(steps=1500, batch_size=8, seq_len=1024, teacher_samples=2048,
                             teacher_new_tokens=1024),
     ),

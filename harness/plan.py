@@ -56,6 +56,10 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
         eval_spec = EvalSpec(**eval_values)
     except Exception as exc:
         raise HarnessError(f"invalid evaluation settings: {exc}".splitlines()[0]) from None
+    if eval_spec.tasks:  # an unknown task fails here, before any model work
+        from harness.eval.accuracy import check_task_names
+
+        check_task_names(eval_spec.tasks)
     config = method_config_values(method_cls, dict(overrides or {}), profile, in_features)
     # The FP reference does not depend on the seed: one shared run per model and evaluation.
     return RunSpec(model=model, method=method, config=config, eval=eval_spec, profile=profile,
