@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method config override (JSON value), e.g. --set loss=rkl --set train.steps=10")
     p.add_argument("--profile", choices=["quick", "full"], default=None,
                    help="quick (CPU default) or full (GPU default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="run seed (default 0, or the experiment file's seeds)")
     p.add_argument("--tasks", default=None, help="lm-eval tasks after perplexity (comma list)")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     p.add_argument("--max-eval-tokens", type=int, default=None,

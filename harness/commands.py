@@ -50,7 +50,8 @@ def _specs_from_flags(args) -> list:
             over = dict(overrides_for[method])
             if bits is not None:
                 over["bits"] = bits
-            spec = build_spec(model, method, over, profile, args.seed, eval_over, in_features)
+            spec = build_spec(model, method, over, profile, args.seed or 0, eval_over,
+                              in_features)
             if spec not in specs:
                 specs.append(spec)
     return specs
