@@ -1,0 +1,82 @@
+"""``harness dashboard``: start Streamlit on 127.0.0.1 over the results database, read-only.
+
+SQLite databases are opened with ``mode=ro``. For PostgreSQL (or another server) the dashboard
+never writes, but to make that a guarantee connect with a role that only has ``SELECT``::
+
+    CREATE ROLE dashboard LOGIN PASSWORD '...';
+    GRANT SELECT ON ALL TABLES IN SCHEMA public TO dashboard;
+    harness dashboard --db postgresql+psycopg://dashboard@host/harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+APP = Path(__file__).resolve().with_name("app.py")
+
+
+def db_url_from_argv(argv: list[str] | None = None) -> str:
+    """The app's database: ``--db URL`` (after Streamlit's ``--``), else ``$LOWBIT_DB``, else
+    ``$HARNESS_DB``, else the default."""
+    from harness.store import DEFAULT_DB
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--db")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args.db or os.environ.get("LOWBIT_DB") or os.environ.get("HARNESS_DB") or DEFAULT_DB
+
+
+def check_db(db_url: str) -> None:
+    """Fails early, in one line, when the database is missing or unusable.
+
+    Raises:
+        HarnessError: no SQLite file at the path, or the URL cannot be opened read-only.
+    """
+    from dashboard.queries import sqlite_path
+    from harness.store import Store
+
+    try:
+        path = sqlite_path(db_url)
+    except Exception:  # malformed URL: Store gives the one-line message
+        path = None
+    if path is not None and not path.exists():
+        raise HarnessError(f"no database at {path}; run `harness run --methods rtn` first "
+                           f"(or pass --db with an existing database)")
+    Store(db_url, readonly=True).engine.dispose()
+
+
+def command(db_url: str, port: int) -> list[str]:
+    """The ``streamlit run`` argument list (no shell involved)."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP),
+            "--server.address", "127.0.0.1", "--server.port", str(int(port)),
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--", "--db", db_url]
+
+
+def launch(db_url: str, port: int = 8501) -> int:
+    """Runs the dashboard in the foreground until interrupted; returns its exit code.
+
+    Raises:
+        HarnessError: missing database (see :func:`check_db`) or a bad port.
+    """
+    if not 0 < int(port) < 65536:
+        raise HarnessError(f"port {port} is out of range; pass --port between 1 and 65535")
+    check_db(db_url)
+    print(f"dashboard on http://127.0.0.1:{port} (read-only: {db_url}); Ctrl+C stops it",
+          file=sys.stderr)
+    proc = subprocess.Popen(command(db_url, port))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl+C reaches Streamlit too; let it shut down cleanly
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        return 0

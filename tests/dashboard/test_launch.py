@@ -1,0 +1,62 @@
+"""dashboard/launch.py: the `harness dashboard` entry point (no server started here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dashboard import launch
+from harness.errors import HarnessError
+
+
+def test_command_is_an_argument_list():
+    cmd = launch.command("sqlite:///runs/x.db", 8600)
+    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert cmd[4].endswith("dashboard/app.py")
+    for flag, value in (("--server.address", "127.0.0.1"), ("--server.port", "8600"),
+                        ("--server.headless", "true"), ("--browser.gatherUsageStats", "false")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert cmd[-3:] == ["--", "--db", "sqlite:///runs/x.db"]
+
+
+def test_missing_database_is_one_line_exit_2(cli, tmp_path):
+    code, out, err = cli("dashboard", "--db", f"sqlite:///{tmp_path / 'none.db'}")
+    assert code == 2
+    assert err.startswith("error: no database at ") and err.count("\n") == 1
+    assert "harness run --methods rtn" in err
+    assert not (tmp_path / "none.db").exists()  # read-only: nothing created
+
+
+def test_bad_url_and_port(tmp_path):
+    with pytest.raises(HarnessError):
+        launch.launch("not a url", 8501)
+    with pytest.raises(HarnessError, match="port"):
+        launch.launch(f"sqlite:///{tmp_path / 'x.db'}", 70000)
+
+
+def test_launch_runs_streamlit(monkeypatch, fake_db):
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd):
+            seen["cmd"] = cmd
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    assert launch.launch(fake_db[0], 8555) == 0
+    assert seen["cmd"][-1] == fake_db[0] and "8555" in seen["cmd"]
+
+
+def test_db_url_from_argv(monkeypatch):
+    monkeypatch.delenv("HARNESS_DB", raising=False)
+    monkeypatch.setenv("LOWBIT_DB", "sqlite:///env.db")
+    assert launch.db_url_from_argv(["--db", "sqlite:///x.db"]) == "sqlite:///x.db"
+    assert launch.db_url_from_argv([]) == "sqlite:///env.db"
+    monkeypatch.delenv("LOWBIT_DB")
+    from harness.store import DEFAULT_DB
+
+    assert launch.db_url_from_argv([]) == DEFAULT_DB
