@@ -156,6 +156,12 @@ def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int =
     from harness.models import load_model
     from harness.runner import pick_device
 
+    if tasks:  # a bad name fails before any model work
+        from harness.errors import require_module
+
+        require_module("harness.eval.accuracy", "--tasks").check_task_names(tasks.split(","))
+    if text_file and not Path(text_file).is_file():
+        raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
     dev = pick_device(device)
     if run.method == "fp":
         model, tok = load_model(run.model, device=dev)

@@ -19,8 +19,8 @@ from harness.errors import HarnessError
 from harness.eval.task_data import OFFLINE_TASKS, tasks_dir
 
 # Accepted by name; they need their Hugging Face dataset in the local cache (no network here).
-STANDARD_TASKS = ("arc_challenge", "arc_easy", "piqa", "hellaswag", "winogrande", "mmlu",
-                  "lambada_openai")
+STANDARD_TASKS = ("arc_challenge", "arc_easy", "piqa", "hellaswag", "winogrande", "boolq",
+                  "mmlu", "lambada_openai")
 # Metrics lm-eval reports that we record (per task); the stderr of each where computed.
 METRICS = ("acc", "acc_norm")
 # Bootstrap is only used for non-mean aggregations; acc/acc_norm stderr is analytic (cheap).
