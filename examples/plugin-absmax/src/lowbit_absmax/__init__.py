@@ -1,0 +1,1 @@
+"""Example plugin for lowbit-harness (see README "Adding a method")."""
