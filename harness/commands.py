@@ -74,7 +74,7 @@ def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:
 def cmd_run(args) -> int:
     from harness.plan import fp_reference
     from harness.report import RESULT_HEADERS, result_rows, table
-    from harness.scheduler import execute
+    from harness.scheduler import check_output_dir, execute
     from harness.store import Store
 
     experiment_id = None
@@ -86,6 +86,7 @@ def cmd_run(args) -> int:
         specs, scheduler, name = exp.specs, args.scheduler or exp.scheduler, exp.name
     else:
         specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
+    check_output_dir(Path(args.output_dir))  # before the database or any run row is touched
     store = Store(args.db)
     if name:
         experiment_id = store.experiment_id(name, Path(args.experiment).read_text())
@@ -117,8 +118,8 @@ def cmd_run(args) -> int:
         _print_eval_note(specs)
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
-        print(f"run {o.spec.run_key} ({o.spec.method}) failed: {o.error.splitlines()[0]}",
-              file=sys.stderr)
+        print(f"error: run {o.spec.run_key} ({o.spec.method}) failed: "
+              f"{o.error.splitlines()[0]}", file=sys.stderr)
     return 1 if failed else 0
 
 

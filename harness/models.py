@@ -114,7 +114,7 @@ def _load_pretrained(name: str, device, dtype, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, SafetensorError, ...: never a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(
             f"model {name!r} could not be loaded ({first[:160]}); pass a local checkpoint folder, "
@@ -155,9 +155,54 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
 
 def _check_path(name: str) -> None:
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+    """Local paths: must exist, be a checkpoint folder, and have readable weight files."""
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.exists():
         raise HarnessError(f"model path {name!r} does not exist; pass an existing folder or one "
                            f"of: {', '.join(MODELS.names())}")
+    if not path.exists():
+        return  # a Hugging Face id
+    if path.is_file():
+        if path.suffix == ".gguf":
+            _check_gguf(path)
+        raise HarnessError(f"model path {name!r} is a file; pass the checkpoint folder that holds "
+                           f"config.json and the weights (e.g. from save_pretrained)")
+    if not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        for g in ggufs:
+            _check_gguf(path / g)
+        hint = (f" (GGUF files such as {ggufs[0]} are not loaded from folders; convert to a "
+                f"save_pretrained checkpoint)" if ggufs else "")
+        raise HarnessError(f"model folder {name!r} has no config.json{hint}; pass a checkpoint "
+                           f"folder written by save_pretrained")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Reads only the header: a garbage or truncated file fails here, in one line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"model weights {path} are corrupt or truncated ({why[:120]}); "
+                           f"re-download or re-save the checkpoint") from None
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except ImportError:
+        return
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"GGUF file {path} is corrupt or truncated ({why[:120]}); "
+                           f"re-download it") from None
 
 
 def model_config(name: str, trust_remote_code: bool = False):

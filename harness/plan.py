@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.config import EvalSpec, RunSpec, get_profile, validate_method_config
+from pydantic import ValidationError
+
+from harness.config import (
+    EvalSpec,
+    RunSpec,
+    format_validation_error,
+    get_profile,
+    validate_method_config,
+)
 from harness.errors import HarnessError
 
 
@@ -54,8 +62,9 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
         eval_values["tasks"] = tuple(t for t in eval_values["tasks"].split(",") if t)
     try:
         eval_spec = EvalSpec(**eval_values)
-    except Exception as exc:
-        raise HarnessError(f"invalid evaluation settings: {exc}".splitlines()[0]) from None
+    except ValidationError as exc:
+        raise HarnessError(format_validation_error(exc, "evaluation settings")
+                           + " (--seq-len, --max-eval-tokens, --limit must be > 0)") from None
     if eval_spec.tasks:  # an unknown task fails here, before any model work
         from harness.eval.accuracy import check_task_names
 

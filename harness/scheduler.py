@@ -36,6 +36,27 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Fails before any run row is written when run folders cannot be created there.
+
+    Raises:
+        HarnessError: the folder cannot be created or written (read-only, a file, no permission).
+    """
+    import tempfile
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise HarnessError(f"output folder {str(output_dir)!r} is a file; pass --output-dir with "
+                           f"a writable folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise HarnessError(f"output folder {str(output_dir)!r} is not writable "
+                           f"({exc.strerror or type(exc).__name__}); pass --output-dir with a "
+                           f"writable folder") from None
+
+
 def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
                device: str | None, progress: bool) -> tuple[str, str | None, dict]:
     from harness.recorders import StoreRecorder
@@ -70,6 +91,8 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
     """
     output_dir = Path(output_dir)
     unique: dict[str, RunSpec] = {}
+    if specs:
+        check_output_dir(output_dir)
     for spec in specs:
         unique.setdefault(spec.spec_hash(), spec)
     outcomes: dict[str, Outcome] = {}

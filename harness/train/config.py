@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: tokens in one micro-batch above which no accelerator holds the logits (16M tokens x a 32k
+#: vocabulary in fp32 is 2 TB): a typo, rejected before any work. Use grad_accum for more.
+MAX_MICRO_BATCH_TOKENS = 1 << 24
 
 
 class TrainConfig(BaseModel):
@@ -31,3 +35,13 @@ class TrainConfig(BaseModel):
     teacher_samples: int = Field(64, ge=1, description="teacher-generated sequences")
     teacher_new_tokens: int = Field(256, ge=1, description="tokens generated per sequence")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature")
+
+    @model_validator(mode="after")
+    def _micro_batch_fits_somewhere(self):
+        tokens = self.batch_size * self.seq_len
+        if tokens > MAX_MICRO_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size x seq_len = {tokens:,} tokens per micro-batch is more than any "
+                f"device holds (max {MAX_MICRO_BATCH_TOKENS:,}); lower train.batch_size and "
+                f"raise train.grad_accum instead")
+        return self

@@ -54,8 +54,9 @@ def lr_lambda(cfg: TrainConfig):
 class Checkpointer:
     """Saves/loads trainable parameters + optimizer + scheduler + step in ``run_dir/checkpoint``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, spec_hash: str | None = None) -> None:
         self.dir = Path(run_dir) / "checkpoint"
+        self.spec_hash = spec_hash  # written into state.json; a load for another spec fails
 
     def exists(self) -> bool:
         return (self.dir / "state.json").exists()
@@ -69,7 +70,10 @@ class Checkpointer:
         save_file(params, str(tmp / "params.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                    tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        state = {"step": step}
+        if self.spec_hash:
+            state["spec_hash"] = self.spec_hash
+        (tmp / "state.json").write_text(json.dumps(state))
         if self.dir.exists():
             import shutil
 
@@ -80,7 +84,12 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         try:
-            step = int(json.loads((self.dir / "state.json").read_text())["step"])
+            meta = json.loads((self.dir / "state.json").read_text())
+            step = int(meta["step"])
+            written_for = meta.get("spec_hash")  # absent in checkpoints of older versions
+            if self.spec_hash and written_for and written_for != self.spec_hash:
+                raise ValueError(f"written by run {written_for[:12]}, not this run "
+                                 f"{self.spec_hash[:12]}")
             params = load_file(str(self.dir / "params.safetensors"))
             named = dict(trainable_parameters(model))
             if set(params) != set(named):
@@ -95,6 +104,37 @@ class Checkpointer:
             raise HarnessError(f"checkpoint {self.dir} is unreadable ({type(exc).__name__}: "
                                f"{str(exc)[:120]}); delete that folder to restart training") from None
         return step
+
+
+def check_micro_batch_memory(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                             with_teacher: bool) -> None:
+    """Fails fast, before the first step, when one micro-batch's logits cannot fit in memory.
+
+    Logits, their log-softmax and gradient (and the teacher's logits) are
+    ``tokens x vocab`` each; the estimate ignores everything else, so it only rejects
+    requests that cannot fit, instead of waiting for an allocator failure or the OOM killer.
+
+    Raises:
+        HarnessError: the estimate exceeds the free memory of ``device``.
+    """
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or getattr(model.config, "vocab_size", 0)
+    copies = 4 if with_teacher else 3
+    need = cfg.batch_size * cfg.seq_len * int(vocab) * copies * (2 if device.type == "cuda" else 4)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:
+            return
+    if need > free:
+        raise HarnessError(
+            f"train.batch_size={cfg.batch_size} x train.seq_len={cfg.seq_len} needs about "
+            f"{need / 2**30:,.1f} GiB for the logits alone but {device.type} has "
+            f"{free / 2**30:,.1f} GiB free; lower train.batch_size (raise train.grad_accum)")
 
 
 def _batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
@@ -125,11 +165,13 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise HarnessError("nothing to train: every parameter is frozen")
+    check_micro_batch_memory(model, cfg, device, objective.needs_teacher)
     data = ctx.train_batches(objective.data)
     teacher = ctx.teacher() if objective.needs_teacher else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ckpt = Checkpointer(ctx.run_dir)
+    ckpt = Checkpointer(ctx.run_dir, ctx.spec.spec_hash() if hasattr(ctx.spec, "spec_hash")
+                        else None)
     start = ckpt.load(model, opt, sched) if ckpt.exists() else 0
     if start:
         log.info("resuming training at step %d", start)

@@ -1,0 +1,175 @@
+"""SIGKILL a real ``harness run`` during training, evaluation and a database write; rerun the
+same command and check the store: one finished row per spec, the killed (stale ``running``) row
+reused, no missing or duplicated training steps, unique metrics.
+
+The kill points are exact, not timed: a small wrapper (written per test) installs a hook and
+then calls ``harness.cli.main``. ``eval`` and ``db-write`` SIGKILL the process from inside the
+hook; ``slow-train`` only slows each step and the test kills the process from outside once the
+database shows logged steps and a checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--max-eval-tokens", "256",
+        "--seq-len", "128", "--tasks", "", "--set", f"train.steps={STEPS}",
+        "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
+        "--set", "train.batch_size=1", "--set", "calib_samples=2", "--set", "calib_seq_len=32",
+        "--set", "clip_tokens=32", "--set", "clip_grid=2"]
+
+WRAPPER = r'''
+import os, signal, sys
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+mode = os.environ["FAULT_MODE"]
+if mode == "slow-train":
+    import time
+    import harness.train.trainer as trainer
+    real_batch = trainer._batch_at
+    def slow(data, step, micro, cfg):
+        time.sleep(0.4)
+        return real_batch(data, step, micro, cfg)
+    trainer._batch_at = slow
+elif mode == "eval":  # after the quantized run's PPL is stored, before the rest of its eval
+    from harness.recorders import StoreRecorder
+    real_metric = StoreRecorder.metric
+    def metric(self, name, value, task=None, **extra):
+        real_metric(self, name, value, task, **extra)
+        if name == "ppl" and self.store.get_run(self.run_id).method == "qat":
+            die()
+    StoreRecorder.metric = metric
+elif mode == "db-write":  # INSERT of train step 3 sent, transaction not committed
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+    from harness.store import TrainStep
+    @event.listens_for(Session, "after_flush")
+    def kill_mid_transaction(session, _ctx):
+        if any(isinstance(o, TrainStep) and o.step == 3 for o in session.new):
+            die()
+
+from harness.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    wrapper = tmp_path / "faulty_harness.py"
+    wrapper.write_text(WRAPPER)
+    db = tmp_path / "h.db"
+    argv = [*ARGS, "--db", f"sqlite:///{db}", "--output-dir", str(tmp_path / "runs")]
+    return wrapper, db, argv
+
+
+def _query(db: Path, sql: str, *params) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def _qat_row(db: Path) -> tuple:
+    [row] = _query(db, "SELECT id, status, attempts FROM runs WHERE method = 'qat'")
+    return row
+
+
+def _faulty(wrapper: Path, argv: list[str], mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(wrapper), *argv], cwd=ROOT,
+                            env=_env(FAULT_MODE=mode, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rerun_and_check(db: Path, argv: list[str]) -> dict:
+    """Reruns the plain command and checks the store; returns the qat run's metrics."""
+    res = subprocess.run([sys.executable, "-m", "harness.cli", *argv], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = _query(db, "SELECT spec_hash, method, status FROM runs")
+    assert sorted(m for _, m, _ in runs) == ["fp", "qat"]  # one row per spec
+    assert len({h for h, _, _ in runs}) == len(runs)
+    assert all(status == "finished" for _, _, status in runs), runs
+    run_id, _, attempts = _qat_row(db)
+    assert attempts == 2  # the stale 'running' row was reused, not duplicated
+    steps = [s for (s,) in _query(db, "SELECT step FROM train_steps WHERE run_id = ? "
+                                      "ORDER BY step", run_id)]
+    assert steps == list(range(1, STEPS + 1))
+    for rid, in _query(db, "SELECT id FROM runs"):
+        keys = _query(db, "SELECT name, task FROM metrics WHERE run_id = ?", rid)
+        assert len(keys) == len(set(keys)) and keys
+    return dict(_query(db, "SELECT name, value FROM metrics WHERE run_id = ? AND task = ''",
+                       run_id))
+
+
+def test_sigkill_during_training_resumes(setup):
+    wrapper, db, argv = setup
+    proc = _faulty(wrapper, argv, "slow-train")
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "training never reached step 3"
+            if db.exists():
+                try:
+                    n = _query(db, "SELECT count(*) FROM train_steps")[0][0]
+                except sqlite3.OperationalError:  # tables not created yet
+                    n = 0
+                if n >= 3:
+                    break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    _, status, attempts = _qat_row(db)
+    assert (status, attempts) == ("running", 1)  # what a SIGKILL leaves behind
+    [state] = [json.loads(p.read_text()) for p in db.parent.glob("runs/*/checkpoint/state.json")]
+    metrics = _rerun_and_check(db, argv)
+    assert metrics["resumed_from_step"] == state["step"] >= 2
+
+
+def test_sigkill_during_evaluation_reruns_eval(setup):
+    wrapper, db, argv = setup
+    proc = _faulty(wrapper, argv, "eval")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    _, status, _ = _qat_row(db)
+    assert status == "running"
+    metrics = _rerun_and_check(db, argv)
+    # Training had finished: the rerun resumes at the last step and trains nothing new.
+    assert metrics["resumed_from_step"] == STEPS
+    assert metrics["ppl"] > 0 and metrics["ppl_tokens"] == 256
+
+
+def test_sigkill_inside_a_database_transaction_rolls_back(setup):
+    wrapper, db, argv = setup
+    proc = _faulty(wrapper, argv, "db-write")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    run_id, status, _ = _qat_row(db)
+    assert status == "running"
+    logged = [s for (s,) in _query(db, "SELECT step FROM train_steps WHERE run_id = ?", run_id)]
+    assert logged == [1, 2]  # the uncommitted insert of step 3 is gone, the database is sound
+    assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+    metrics = _rerun_and_check(db, argv)
+    assert metrics["resumed_from_step"] == 2
