@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray (default for experiment files) or inline (in-process)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.add_argument("--gpus-per-run", type=float, default=None, help="GPUs per Ray task (fractions ok)")
+    p.add_argument("--cpus-per-run", type=float, default=None,
+                   help="CPUs Ray reserves per run (default 1; fractions run more at once)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--force", action="store_true", help="rerun finished runs too")
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision reference run")

@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
     outcomes = execute(specs, store, args.output_dir, scheduler=scheduler, force=args.force,
                        device=args.device, experiment_id=experiment_id,
                        ray_address=getattr(args, "ray_address", None),
-                       gpus_per_run=args.gpus_per_run or 0.0)
+                       gpus_per_run=args.gpus_per_run or 0.0,
+                       cpus_per_run=getattr(args, "cpus_per_run", None) or 1.0)
     entries = [store.run_as_dict(store.get_run(o.run_id)) for o in outcomes]
     fp_ppl = {e["model"]: e["metrics"].get("ppl") for e in entries if e["method"] == "fp"}
     for e in store.runs("finished"):

@@ -217,7 +217,7 @@ def _say(msg: str) -> None:
 
 def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
                  experiment_id: int | None, ray_address: str | None = None,
-                 gpus_per_run: float = 0.0) -> dict[str, Outcome]:
+                 gpus_per_run: float = 0.0, cpus_per_run: float = 1.0) -> dict[str, Outcome]:
     """Runs ``pending`` as Ray tasks; the calling process writes every result.
 
     Args:
@@ -228,6 +228,7 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
         experiment_id: experiments-table row the runs belong to.
         ray_address: join this cluster instead of starting a local one.
         gpus_per_run: GPUs per task (fractions share a GPU); 0 = 1 with GPUs, else CPU.
+        cpus_per_run: CPUs Ray reserves per task (fractions run more tasks than cores).
 
     Returns:
         ``{spec_hash: Outcome}`` for every pending spec.
@@ -246,9 +247,9 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
         gpus = _gpus_per_task(gpus_per_run)
         res = ray.cluster_resources()
         _say(f"ray: {len(pending)} run(s) on {res.get('CPU', 0):g} CPU / {res.get('GPU', 0):g} "
-             f"GPU; {gpus:g} GPU and 1 CPU per run")
+             f"GPU; {gpus:g} GPU and {cpus_per_run:g} CPU per run")
         # max_retries=0: a dead worker is reported (and resumed by a rerun), not silently retried
-        remote_run = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_task)
+        remote_run = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus, max_retries=0)(run_task)
         remote_teacher = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(teacher_task)
         teachers: dict[tuple, object] = {}
         for spec in pending:

@@ -79,7 +79,8 @@ def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
 def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
             scheduler: str = "inline", force: bool = False, device: str | None = None,
             progress: bool = True, experiment_id: int | None = None,
-            ray_address: str | None = None, gpus_per_run: float = 0.0) -> list[Outcome]:
+            ray_address: str | None = None, gpus_per_run: float = 0.0,
+            cpus_per_run: float = 1.0) -> list[Outcome]:
     """Runs every spec not already finished; returns one outcome per spec, in order.
 
     Args:
@@ -109,7 +110,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
 
         run_with_ray = require_module("harness.ray_scheduler", "the Ray scheduler").run_with_ray
         for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
-                                       ray_address, gpus_per_run).items():
+                                       ray_address, gpus_per_run, cpus_per_run).items():
             outcomes[h] = outcome
     else:
         if scheduler not in ("inline", "ray"):
