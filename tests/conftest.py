@@ -65,3 +65,18 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def nan_loss(monkeypatch):
+    """Makes every qat objective return a NaN loss (fault injection for the trainer's check)."""
+    import methods.qat as qat
+
+    real = qat.make_objective
+
+    def nan_objective(config, ctx, gamma=None):
+        obj = real(config, ctx, gamma)
+        obj.loss = lambda inputs: torch.tensor(float("nan"), requires_grad=True)
+        return obj
+
+    monkeypatch.setattr(qat, "make_objective", nan_objective)

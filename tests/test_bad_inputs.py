@@ -239,21 +239,9 @@ def test_batch_too_big_for_this_device_fails_fast(tmp_path):
     _one_failed_row(db, "lower train.batch_size")
 
 
-def test_nan_loss_is_one_error_line_and_a_failed_row(cli, db_url, tmp_path, monkeypatch):
-    """NaN injected as in tests/methods/test_ladder.py (in-process: a monkeypatch cannot cross
-    a subprocess), but through ``harness.cli.main``."""
-    import torch
-
-    import methods.qat as qat
-
-    real = qat.make_objective
-
-    def nan_objective(config, ctx, gamma=None):
-        obj = real(config, ctx, gamma)
-        obj.loss = lambda inputs: torch.tensor(float("nan"), requires_grad=True)
-        return obj
-
-    monkeypatch.setattr(qat, "make_objective", nan_objective)
+def test_nan_loss_is_one_error_line_and_a_failed_row(cli, db_url, tmp_path, nan_loss):
+    """NaN injected in-process (a monkeypatch cannot cross a subprocess), through
+    ``harness.cli.main``."""
     code, _, err = cli("run", "--no-fp", "--methods", "qat", *QUICK, *TRAIN, "--db", db_url,
                        "--output-dir", tmp_path / "runs")
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -68,19 +68,7 @@ def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
     assert third.status == "skipped"
 
 
-def test_nan_loss_fails_the_run_with_a_clear_message(store, tmp_path, monkeypatch):
-    import torch
-
-    import methods.qat as qat
-
-    real = qat.make_objective
-
-    def nan_objective(config, ctx, gamma=None):
-        obj = real(config, ctx, gamma)
-        obj.loss = lambda inputs: torch.tensor(float("nan"), requires_grad=True)
-        return obj
-
-    monkeypatch.setattr(qat, "make_objective", nan_objective)
+def test_nan_loss_fails_the_run_with_a_clear_message(store, tmp_path, nan_loss):
     [out] = execute([_spec("qat")], store, tmp_path)
     assert out.status == "failed"
     assert "loss is nan" in out.error and "learning rate" in out.error
