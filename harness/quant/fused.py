@@ -1,4 +1,5 @@
-"""Integer fake-quantization as one autograd Function with an analytic backward.
+"""Integer and NF3 fake-quantization as autograd Functions with analytic backwards (CPU path;
+CUDA uses the Triton kernel of ``harness.quant.triton_fq``).
 
 The reference graph (``fake_quantize(..., fused=False)``) records ~20 autograd nodes per weight;
 this Function saves only the codes and the per-group scale and computes the same gradient in
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.quant.primitives import round_half_away
+from harness.quant.primitives import NF3_LEVELS, _nf3_codes, _round_scale, round_half_away
 
 
 def _split_ties(xg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,3 +80,40 @@ class IntFakeQuant(torch.autograd.Function):
             gs = (g * ((codes - zero) - v * inside)).sum(-1, keepdim=True) * live / qmax
             grad = grad + gs * (_split_ties(xg, mx) - _split_ties(xg, mn))
         return grad, None, None, None, None
+
+
+class NF3FakeQuant(torch.autograd.Function):
+    """NF3 (BitDistiller's asymmetric n2f3) with the reference graph's gradient in closed form.
+
+    out = where(x >= 0, q * mx, q * mn) with mx = max(amax, 1e-5), mn = max(|amin|, 1e-5) and
+    q the level of x / mx (or x / mn); straight-through: d out/dx = 1, and unless scales are
+    detached d out/d mx = q - x/mx (x >= 0), d out/d mn = q - x/mn (x < 0), routed to the
+    elements attaining amax / amin (ties split). Saves the codes (uint8) instead of ~10 float
+    intermediates of the op-by-op graph.
+    """
+
+    @staticmethod
+    def forward(ctx, xg: torch.Tensor, detach_scales: bool, scale_dtype):
+        amax, amin = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
+        mx = _round_scale(amax.clamp(min=1e-5), scale_dtype)
+        mn = _round_scale(amin.abs().clamp(min=1e-5), scale_dtype)
+        pos = xg >= 0
+        normed = torch.where(pos, xg / mx, xg / mn)
+        codes = _nf3_codes(normed).to(torch.uint8)
+        q = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)[codes.long()]
+        ctx.save_for_backward(xg, codes, mx, mn, amax, amin)
+        ctx.detach_scales = detach_scales
+        return torch.where(pos, q * mx, q * mn)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if ctx.detach_scales:
+            return g, None, None
+        xg, codes, mx, mn, amax, amin = ctx.saved_tensors
+        pos = xg >= 0
+        q = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)[codes.long()]
+        d = g * (q - torch.where(pos, xg / mx, xg / mn))
+        gmx = torch.where(pos, d, 0).sum(-1, keepdim=True) * (amax >= 1e-5)
+        gmn = torch.where(pos, 0, d).sum(-1, keepdim=True) * (amin.abs() >= 1e-5) * amin.sign()
+        grad = g + gmx * _split_ties(xg, amax) + gmn * _split_ties(xg, amin)
+        return grad, None, None

@@ -99,9 +99,9 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
             reference code.
         scale_dtype: round scales to this dtype first (fp16 = what packed storage holds).
         fused: on CUDA with Triton, one fused kernel per pass for every format
-            (``harness.quant.triton_fq``); elsewhere integer formats use one autograd Function
-            with an analytic backward (``harness.quant.fused``). ``False`` records the
-            reference graph op by op.
+            (``harness.quant.triton_fq``); elsewhere one autograd Function per format with an
+            analytic backward (``harness.quant.fused``). ``False`` records the reference graph
+            op by op.
         out_dtype: dtype of the result (default ``w``'s); the fused CUDA kernel writes it
             directly, sparing a cast pass under autocast.
 
@@ -119,7 +119,11 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
         return fake_quantize_triton(w, fmt, bits, group_size, symmetric, detach_scales,
                                     scale_dtype, out_dtype)
     x = _grouped(w.float(), group_size)
-    if fmt == "nf3":
+    if fmt == "nf3" and fused and torch.is_grad_enabled() and w.requires_grad:
+        from harness.quant.fused import NF3FakeQuant
+
+        out = NF3FakeQuant.apply(x, detach_scales, scale_dtype)
+    elif fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)
         if detach_scales:
             mx, mn = mx.detach(), mn.detach()
