@@ -18,6 +18,8 @@ Imported only when a CUDA weight is fake-quantized; the core never needs Triton.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -147,6 +149,7 @@ def _fq_kernel(x_ptr, g_ptr, out_ptr, n_groups, G: tl.constexpr, BLOCK_G: tl.con
             tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _f32_reciprocal(n: int) -> float:
     # torch on CUDA divides a tensor by a Python scalar as a * (1/b) with 1/b in float32; the
     # scale is computed the same way so the forward stays bit-identical to torch's CUDA ops.
