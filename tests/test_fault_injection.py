@@ -148,13 +148,21 @@ def test_sigkill_during_training_resumes(setup):
     assert metrics["resumed_from_step"] == state["step"] >= 2
 
 
-def test_sigkill_during_evaluation_reruns_eval(setup):
+def _self_killed(setup, point: str) -> int:
+    """Runs the command with a hook that SIGKILLs the process at ``point``; returns the qat
+    run's id after checking the kill left its row 'running'."""
     wrapper, db, argv = setup
-    proc = _faulty(wrapper, argv, "eval")
+    proc = _faulty(wrapper, argv, point)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    _, status, _ = _qat_row(db)
+    run_id, status, _ = _qat_row(db)
     assert status == "running"
+    return run_id
+
+
+def test_sigkill_during_evaluation_reruns_eval(setup):
+    _, db, argv = setup
+    _self_killed(setup, "eval")
     metrics = _rerun_and_check(db, argv)
     # Training had finished: the rerun resumes at the last step and trains nothing new.
     assert metrics["resumed_from_step"] == STEPS
@@ -162,12 +170,8 @@ def test_sigkill_during_evaluation_reruns_eval(setup):
 
 
 def test_sigkill_inside_a_database_transaction_rolls_back(setup):
-    wrapper, db, argv = setup
-    proc = _faulty(wrapper, argv, "db-write")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    run_id, status, _ = _qat_row(db)
-    assert status == "running"
+    _, db, argv = setup
+    run_id = _self_killed(setup, "db-write")
     logged = [s for (s,) in _query(db, "SELECT step FROM train_steps WHERE run_id = ?", run_id)]
     assert logged == [1, 2]  # the uncommitted insert of step 3 is gone, the database is sound
     assert _query(db, "PRAGMA integrity_check") == [("ok",)]

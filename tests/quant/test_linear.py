@@ -19,14 +19,17 @@ def test_decoder_linears_exclude_lm_head(tiny):
     assert len(names) == 14 and not any("lm_head" in n or "embed" in n for n in names)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("q", [QuantFormat(fmt="int", bits=2, group_size=64),
                                QuantFormat(fmt="int", bits=3, group_size=32, symmetric=True),
                                QuantFormat(fmt="nf3", bits=3, group_size=64),
                                QuantFormat(fmt="int", bits=4, group_size=-1)])
-def test_packed_logits_equal_training_logits(tiny_copy, q):
+def test_packed_logits_equal_training_logits(tiny_copy, q, device):
+    """On CUDA the training form runs the Triton kernel, the packed form torch's dequantize."""
     model, _ = tiny_copy
+    model.to(device)
     _quantize_model(model, q)
-    ids = torch.randint(0, 1000, (2, 16))
+    ids = torch.randint(0, 1000, (2, 16), device=device)
     with torch.no_grad():
         train_logits = model(ids).logits
         for _, m in quantized_modules(model):
