@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from harness.quant.primitives import NF3_LEVELS, _nf3_codes, _round_scale, round_half_away
+from harness.quant.primitives import (
+    NF3_LEVELS,
+    _nf3_codes,
+    _round_scale,
+    div_exact,
+    round_half_away,
+)
 
 
 def _split_ties(xg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,7 +41,7 @@ class IntFakeQuant(torch.autograd.Function):
             qmax = max(2 ** (bits - 1) - 1, 1)
             qmin = -(2 ** (bits - 1))
             absmax = xg.abs().amax(-1, keepdim=True)
-            raw = absmax.clamp(min=1e-5) / qmax
+            raw = div_exact(absmax.clamp(min=1e-5), qmax)
             scale = raw if scale_dtype is None else raw.to(scale_dtype).float()
             v = xg / scale
             r = round_half_away(v)
@@ -46,7 +52,7 @@ class IntFakeQuant(torch.autograd.Function):
         else:
             qmax = 2**bits - 1
             mx, mn = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
-            raw = (mx - mn).clamp(min=1e-5) / qmax
+            raw = div_exact((mx - mn).clamp(min=1e-5), qmax)
             scale = raw if scale_dtype is None else raw.to(scale_dtype).float()
             zero = torch.clamp(-round_half_away(mn / scale), 0, qmax)
             v = xg / scale

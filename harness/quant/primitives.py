@@ -52,6 +52,13 @@ def _check(fmt: str, bits: int) -> None:
         raise HarnessError(f"unknown format {fmt!r}; use int or nf3 (binary is OneBit's layer)")
 
 
+def div_exact(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t / n`` correctly rounded on every device. CUDA divides a tensor by a Python scalar as
+    ``t * (1/n)``, which differs from the CPU in the last bit (and then, after fp16 rounding, in
+    ~2% of SmolLM2's int3 scales); a 0-dim tensor divisor takes the exact path on both."""
+    return t / t.new_full((), float(n))
+
+
 def _round_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
     """Rounds to the storage dtype with a straight-through gradient (value = stored scale)."""
     if scale_dtype is None:
@@ -62,11 +69,11 @@ def _round_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
 def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     if symmetric:
         qmax = max(2 ** (bits - 1) - 1, 1)  # 1-bit symmetric: codes {-1, 0} scaled by max|w|
-        scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-5) / qmax
+        scale = div_exact(g.abs().amax(-1, keepdim=True).clamp(min=1e-5), qmax)
         return _round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
     qmax = 2**bits - 1
     mx, mn = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-    scale = _round_scale((mx - mn).clamp(min=1e-5) / qmax, scale_dtype)
+    scale = _round_scale(div_exact((mx - mn).clamp(min=1e-5), qmax), scale_dtype)
     zero = torch.clamp(-round_half_away(mn / scale), 0, qmax).detach()
     return scale, zero, 0, qmax
 
