@@ -1,7 +1,11 @@
-"""Training-step cost of fake quantization: plain step vs every decoder linear quantized.
+"""Training-step cost of fake quantization: plain step vs every decoder linear quantized, layer
+by layer and batched (harness.quant.batched: one launch per pass for all layers; CUDA only).
 
     python bench/train_step.py                                   # SmolLM2, 8x1024 (GPU sizes)
     python bench/train_step.py --batch 2 --seq 256 --steps 3     # CPU-sized
+    python bench/train_step.py --profile                         # + where the time goes
+
+Each line is measured in the same process, one after another, on the same input.
 """
 
 from __future__ import annotations
@@ -17,23 +21,36 @@ from harness.models import load_model
 from harness.quant import QuantFormat, QuantLinear, decoder_linear_names, replace_linears
 
 
-def step_time(model, ids, steps: int, device) -> float:
+def _step(model, ids, opt, amp) -> None:
+    with amp:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_time(model, ids, steps: int, device, profile: bool = False) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    times = []
-    for _ in range(steps + 1):  # first step warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with amp:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / steps
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    _step(model, ids, opt, amp)  # warm-up: kernels compile, allocator fills
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        _step(model, ids, opt, amp)
+    sync()
+    mean = (time.perf_counter() - t) / steps
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with prof(activities=acts) as p:
+            _step(model, ids, opt, amp)
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=12))
+    return mean
 
 
 def main() -> None:
@@ -46,19 +63,29 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true", help="print a profiler table per variant")
     args = ap.parse_args()
     device = torch.device(args.device)
     base, _ = load_model(args.model, device=device)
     base.train()
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
-    plain = step_time(base, ids, args.steps, device)
-    quant = copy.deepcopy(base)
     q = QuantFormat(fmt=args.fmt, bits=args.bits, group_size=args.group_size)
-    replace_linears(quant, decoder_linear_names(quant), lambda _n, lin: QuantLinear.from_linear(lin, q))
-    fq = step_time(quant, ids, args.steps, device)
-    print(f"{args.model} batch {args.batch}x{args.seq} on {device}: plain {plain * 1e3:.0f} ms/step, "
-          f"fake-quant {args.fmt}{args.bits} g{args.group_size} {fq * 1e3:.0f} ms/step, "
-          f"ratio {fq / plain:.2f}x")
+    label = f"{args.fmt}{args.bits} g{args.group_size}"
+    print(f"{args.model} batch {args.batch}x{args.seq} on {device}, {args.steps} steps each")
+    plain = step_time(base, ids, args.steps, device, args.profile)
+    print(f"  plain               {plain * 1e3:8.1f} ms/step")
+    variants = ["per-layer"] + (["batched"] if device.type == "cuda" else [])
+    for variant in variants:
+        quant = copy.deepcopy(base)
+        replace_linears(quant, decoder_linear_names(quant),
+                        lambda _n, lin: QuantLinear.from_linear(lin, q))
+        if variant == "batched":
+            from harness.quant.batched import BatchedFakeQuant
+
+            BatchedFakeQuant(quant)
+        fq = step_time(quant, ids, args.steps, device, args.profile)
+        print(f"  {label} {variant:<10}{fq * 1e3:8.1f} ms/step  ratio {fq / plain:.2f}x")
+        del quant
 
 
 if __name__ == "__main__":

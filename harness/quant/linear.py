@@ -31,6 +31,8 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._dequant_cache: torch.Tensor | None = None
+        # Set for one forward by harness.quant.batched (all layers quantized in one launch).
+        self.batched_weight: torch.Tensor | None = None
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -76,6 +78,7 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self._dequant_cache = None
+        self.batched_weight = None
 
     def packed_tensor(self) -> PackedTensor:
         if not self.packed:
@@ -98,11 +101,14 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         if not self.packed:
+            if self.batched_weight is not None:
+                return self.batched_weight
             q = self.qformat
             out_dtype = None
-            if self.weight.is_cuda and torch.is_autocast_enabled("cuda"):
-                # The matmul runs in the autocast dtype anyway: let the kernel write it directly.
-                out_dtype = torch.get_autocast_dtype("cuda")
+            device = self.weight.device.type
+            if torch.is_autocast_enabled(device):
+                # The matmul runs in the autocast dtype anyway: write that dtype directly.
+                out_dtype = torch.get_autocast_dtype(device)
             return fake_quantize(self.weight, q.fmt, q.bits, q.group_size, q.symmetric,
                                  detach_scales=self.detach_scales, scale_dtype=torch.float16,
                                  out_dtype=out_dtype)
@@ -136,7 +142,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight()
         bias = self.bias
-        if w.dtype != x.dtype:
+        # Under autocast F.linear casts its operands itself; casting the weight to x's dtype
+        # first would add a copy (and its backward) per layer for nothing.
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
             bias = bias.to(x.dtype) if bias is not None else None
         return F.linear(x, w, bias)

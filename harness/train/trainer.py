@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -150,6 +151,17 @@ def _forward(model, ids, hidden: bool):
     return out.logits[:, :-1], (out.hidden_states if hidden else None)
 
 
+def _batched_fake_quant(model: nn.Module, device: torch.device):
+    """One fake-quant launch per pass for all layers (harness.quant.batched) when asked for
+    with HARNESS_BATCHED_FAKE_QUANT=1 on CUDA. A speed switch, not part of the run's spec:
+    values and gradients equal the per-layer path's."""
+    if device.type != "cuda" or os.environ.get("HARNESS_BATCHED_FAKE_QUANT") != "1":
+        return None
+    from harness.quant.batched import BatchedFakeQuant
+
+    return BatchedFakeQuant(model)
+
+
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
           progress: bool = True) -> dict:
     """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
@@ -188,41 +200,46 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {ctx.spec.method}", unit="step")
     loss_value = float("nan")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            ids = _batch_at(data, step, micro, cfg).to(device)
-            with amp:
-                logits, hidden = _forward(model, ids, objective.needs_hidden_states)
-                t_logits = t_hidden = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
-                loss = objective.loss(ObjectiveInputs(
-                    student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
-                    student_hidden=hidden, teacher_hidden=t_hidden))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1}; lower the learning rate "
-                    f"(train.lr={cfg.lr}) or check the data, then rerun")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        loss_value = total
-        tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            ctx.recorder.train_step(step + 1, loss_value, lr, tps)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save(step + 1, model, opt, sched)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
+    batched = _batched_fake_quant(model, device)
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                ids = _batch_at(data, step, micro, cfg).to(device)
+                with amp:
+                    logits, hidden = _forward(model, ids, objective.needs_hidden_states)
+                    t_logits = t_hidden = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
+                    loss = objective.loss(ObjectiveInputs(
+                        student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+                        student_hidden=hidden, teacher_hidden=t_hidden))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {step + 1}; lower the learning rate "
+                        f"(train.lr={cfg.lr}) or check the data, then rerun")
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            loss_value = total
+            tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                ctx.recorder.train_step(step + 1, loss_value, lr, tps)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                ckpt.save(step + 1, model, opt, sched)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+                bar.update(1)
+    finally:
+        if batched is not None:
+            batched.remove()
     if bar is not None:
         bar.close()
     model.eval()

@@ -69,3 +69,49 @@ def test_large_matrix_matches_reference():
             res.append((y.detach(), x.grad))
         assert torch.equal(res[0][0], res[1][0])
         assert torch.allclose(res[0][1].float(), res[1][1].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_many_weights_in_one_launch_equal_one_launch_each_on_cuda():
+    from harness.quant.triton_fq import fake_quantize_many, fake_quantize_triton
+
+    shapes = [(64, 576), (192, 576), (576, 1536), (5, 96)]
+    for fmt, bits, sym in (("int", 2, False), ("int", 3, True), ("nf3", 3, False)):
+        torch.manual_seed(bits)
+        ws = [(torch.randn(s) * 0.02).cuda() for s in shapes]
+        gs = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+        xs = [w.clone().requires_grad_() for w in ws]
+        outs = fake_quantize_many(xs, fmt, bits, 32, sym, False, torch.float16,
+                                  out_dtype=torch.bfloat16)
+        torch.autograd.backward(outs, gs)
+        for w, g, x, o in zip(ws, gs, xs, outs, strict=True):
+            y = w.clone().requires_grad_()
+            ref = fake_quantize_triton(y, fmt, bits, 32, sym, False, torch.float16,
+                                       out_dtype=torch.bfloat16)
+            ref.backward(g)
+            assert torch.equal(o.detach(), ref.detach())
+            assert torch.equal(x.grad, y.grad)
+
+
+def test_batched_training_step_equals_per_layer_on_cuda(tiny):
+    import copy
+
+    from harness.quant import QuantFormat, QuantLinear, decoder_linear_names, replace_linears
+    from harness.quant.batched import BatchedFakeQuant
+
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), device="cuda")
+    q = QuantFormat(fmt="int", bits=2, group_size=32)
+    found = []
+    for batched in (False, True):
+        m = copy.deepcopy(model).cuda().train()
+        replace_linears(m, decoder_linear_names(m), lambda _n, lin: QuantLinear.from_linear(lin, q))
+        if batched:
+            BatchedFakeQuant(m)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        found.append((loss.detach(), [p.grad for p in m.parameters() if p.grad is not None]))
+    assert torch.equal(found[0][0], found[1][0])
+    assert len(found[0][1]) == len(found[1][1])
+    for a, b in zip(found[0][1], found[1][1], strict=True):
+        assert torch.equal(a, b)
