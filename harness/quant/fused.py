@@ -2,8 +2,7 @@
 CUDA uses the Triton kernel of ``harness.quant.triton_fq``).
 
 The reference graph (``fake_quantize(..., fused=False)``) records ~20 autograd nodes per weight;
-this Function saves only the codes and the per-group scale and computes the same gradient in
-closed form. For asymmetric INT with zero point z (detached), scale s = (max - min) / qmax and
+these Functions save a few per-element tensors and compute the same gradient in closed form. For asymmetric INT with zero point z (detached), scale s = (max - min) / qmax and
 codes c = clamp(round(x/s) + z, 0, qmax), out = (c - z) * s:
 
     d out / d x   = 1 where x/s + z was not clamped (straight-through), else 0
@@ -27,64 +26,69 @@ from harness.quant.primitives import (
 )
 
 
-def _split_ties(xg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _tie_share(xg: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (one value per group) split evenly over the elements equal to ``target``."""
     hit = (xg == target).to(xg.dtype)
-    return hit / hit.sum(-1, keepdim=True)
+    return hit * (grad / hit.sum(-1, keepdim=True))
+
+
+# Masks are kept as 0/1 floats: on the CPU a bool operand in arithmetic, torch.where and
+# masked_fill each cost 5-25x a float elementwise pass (measured on 2752x1024), so each mask is
+# converted once and then only multiplied.
 
 
 class IntFakeQuant(torch.autograd.Function):
+    """Saves the straight-through mask and the scale-gradient term per element instead of
+    recomputing the rounding in the backward; the backward is then two passes plus the ties.
+    """
+
     @staticmethod
     def forward(ctx, xg: torch.Tensor, bits: int, symmetric: bool, detach_scales: bool,
                 scale_dtype):
         # xg: float32 [out, n_groups, group]
         if symmetric:
-            qmax = max(2 ** (bits - 1) - 1, 1)
-            qmin = -(2 ** (bits - 1))
+            qmax, qmin = max(2 ** (bits - 1) - 1, 1), -(2 ** (bits - 1))
             absmax = xg.abs().amax(-1, keepdim=True)
             raw = div_exact(absmax.clamp(min=1e-5), qmax)
-            scale = raw if scale_dtype is None else raw.to(scale_dtype).float()
-            v = xg / scale
-            r = round_half_away(v)
-            codes = r.clamp(qmin, qmax)
-            out = codes * scale
-            live = absmax >= 1e-5
-            ctx.save_for_backward(xg, v, codes, scale, absmax, live)
         else:
-            qmax = 2**bits - 1
+            qmax, qmin = 2**bits - 1, 0
             mx, mn = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
             raw = div_exact((mx - mn).clamp(min=1e-5), qmax)
-            scale = raw if scale_dtype is None else raw.to(scale_dtype).float()
+        scale = raw if scale_dtype is None else raw.to(scale_dtype).float()
+        v = xg / scale
+        r = round_half_away(v)
+        if not symmetric:
             zero = torch.clamp(-round_half_away(mn / scale), 0, qmax)
-            v = xg / scale
-            r = round_half_away(v) + zero
-            codes = r.clamp(0, qmax)
-            out = (codes - zero) * scale
-            live = (mx - mn) >= 1e-5
-            ctx.save_for_backward(xg, v, codes, scale, mx, mn, zero, live)
-        ctx.meta = (bits, symmetric, detach_scales, qmax)
+            r = r + zero
+        codes = r.clamp(qmin, qmax)
+        shifted = codes if symmetric else codes - zero
+        out = shifted * scale
+        inside = ((r >= qmin) & (r <= qmax)).to(xg.dtype)
+        ctx.meta = (symmetric, detach_scales, qmax)
+        if detach_scales:
+            ctx.save_for_backward(inside)
+        elif symmetric:
+            # d out/d scale = (c - z) - v * inside, routed to max|x| through d|x|/dx = sign(x)
+            ctx.save_for_backward(inside, shifted - v * inside, xg, absmax, absmax >= 1e-5)
+        else:
+            ctx.save_for_backward(inside, shifted - v * inside, xg, mx, mn, (mx - mn) >= 1e-5)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        bits, symmetric, detach_scales, qmax = ctx.meta
-        if symmetric:
-            xg, v, codes, scale, absmax, live = ctx.saved_tensors
-            qmin = -(2 ** (bits - 1))
-            r = round_half_away(v)
-            inside = ((r >= qmin) & (r <= qmax)).to(g.dtype)
-            grad = g * inside
-            if not detach_scales:
-                gs = (g * (codes - v * inside)).sum(-1, keepdim=True) * live / qmax
-                # d|x|/dx = sign(x) (0 at 0), split over the elements attaining max|x|.
-                grad = grad + gs * _split_ties(xg.abs(), absmax) * torch.sign(xg)
-            return grad, None, None, None, None
-        xg, v, codes, scale, mx, mn, zero, live = ctx.saved_tensors
-        r = round_half_away(v) + zero
-        inside = ((r >= 0) & (r <= qmax)).to(g.dtype)
+        symmetric, detach_scales, qmax = ctx.meta
+        inside = ctx.saved_tensors[0]
         grad = g * inside
-        if not detach_scales:
-            gs = (g * ((codes - zero) - v * inside)).sum(-1, keepdim=True) * live / qmax
-            grad = grad + gs * (_split_ties(xg, mx) - _split_ties(xg, mn))
+        if detach_scales:
+            return grad, None, None, None, None
+        if symmetric:
+            _, term, xg, absmax, live = ctx.saved_tensors
+            gs = (g * term).sum(-1, keepdim=True) * live / qmax
+            grad = grad + _tie_share(xg.abs(), absmax, gs) * torch.sign(xg)
+        else:
+            _, term, xg, mx, mn, live = ctx.saved_tensors
+            gs = (g * term).sum(-1, keepdim=True) * live / qmax
+            grad = grad + _tie_share(xg, mx, gs) - _tie_share(xg, mn, gs)
         return grad, None, None, None, None
 
 
@@ -103,23 +107,24 @@ class NF3FakeQuant(torch.autograd.Function):
         amax, amin = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
         mx = _round_scale(amax.clamp(min=1e-5), scale_dtype)
         mn = _round_scale(amin.abs().clamp(min=1e-5), scale_dtype)
-        pos = xg >= 0
-        normed = torch.where(pos, xg / mx, xg / mn)
-        codes = _nf3_codes(normed).to(torch.uint8)
-        q = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)[codes.long()]
+        pos = (xg >= 0).to(xg.dtype)
+        s = mx * pos + mn * (1 - pos)  # where(x >= 0, mx, mn), exactly
+        codes = _nf3_codes(xg / s)
+        levels = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)
         ctx.save_for_backward(xg, codes, mx, mn, amax, amin)
         ctx.detach_scales = detach_scales
-        return torch.where(pos, q * mx, q * mn)
+        return levels.take(codes.long()) * s
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         if ctx.detach_scales:
             return g, None, None
         xg, codes, mx, mn, amax, amin = ctx.saved_tensors
-        pos = xg >= 0
-        q = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)[codes.long()]
-        d = g * (q - torch.where(pos, xg / mx, xg / mn))
-        gmx = torch.where(pos, d, 0).sum(-1, keepdim=True) * (amax >= 1e-5)
-        gmn = torch.where(pos, 0, d).sum(-1, keepdim=True) * (amin.abs() >= 1e-5) * amin.sign()
-        grad = g + gmx * _split_ties(xg, amax) + gmn * _split_ties(xg, amin)
+        pos = (xg >= 0).to(xg.dtype)
+        s = mx * pos + mn * (1 - pos)
+        levels = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)
+        d = g * (levels.take(codes.long()) - xg / s)
+        gmx = (d * pos).sum(-1, keepdim=True) * (amax >= 1e-5)
+        gmn = (d * (1 - pos)).sum(-1, keepdim=True) * (amin.abs() >= 1e-5) * amin.sign()
+        grad = g + _tie_share(xg, amax, gmx) + _tie_share(xg, amin, gmn)
         return grad, None, None

@@ -85,9 +85,14 @@ def _nf3_params(g: torch.Tensor, scale_dtype):
 
 
 def _nf3_codes(normed: torch.Tensor) -> torch.Tensor:
-    th = torch.tensor(NF3_THRESHOLDS, dtype=normed.dtype, device=normed.device)
-    # right=True: a value equal to a threshold goes up (METHODS.md: ">= it rounds to 0").
-    return torch.bucketize(normed.contiguous(), th, right=True)
+    """uint8 code = number of thresholds <= the value: ``bucketize(right=True)``, so a value
+    equal to a threshold goes up (METHODS.md: ">= it rounds to 0"). Seven compares beat
+    bucketize's binary search ~4x on the CPU."""
+    codes = normed >= NF3_THRESHOLDS[0]
+    codes = codes.to(torch.uint8)
+    for t in NF3_THRESHOLDS[1:]:
+        codes += normed >= t
+    return codes
 
 
 def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
@@ -136,7 +141,7 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
             mx, mn = mx.detach(), mn.detach()
         normed = torch.where(x >= 0, x / mx, x / mn)
         levels = torch.tensor(NF3_LEVELS, dtype=x.dtype, device=x.device)
-        q = levels[_nf3_codes(normed.detach())]
+        q = levels[_nf3_codes(normed.detach()).long()]
         exact = torch.where(x >= 0, q * mx, q * mn).detach()
         if torch.is_grad_enabled() and w.requires_grad:
             # Straight-through surrogate for the gradient; `s - s.detach()` is exactly 0 in the
