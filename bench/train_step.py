@@ -4,6 +4,7 @@ by layer and batched (harness.quant.batched: one launch per pass for all layers;
     python bench/train_step.py                                   # SmolLM2, 8x1024 (GPU sizes)
     python bench/train_step.py --batch 2 --seq 256 --steps 3     # CPU-sized
     python bench/train_step.py --profile                         # + where the time goes
+    python bench/train_step.py --shape-only                      # random weights, no model file
 
 Each line is measured in the same process, one after another, on the same input.
 """
@@ -53,6 +54,19 @@ def step_time(model, ids, steps: int, device, profile: bool = False) -> float:
     return mean
 
 
+def smollm2_shaped(device):
+    """SmolLM2-135M's architecture with random weights: step time does not depend on the
+    weights, and this needs no model file (the GPU machine's first call has none yet)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -64,9 +78,14 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="print a profiler table per variant")
+    ap.add_argument("--shape-only", action="store_true",
+                    help="SmolLM2-135M's shapes with random weights instead of --model")
     args = ap.parse_args()
     device = torch.device(args.device)
-    base, _ = load_model(args.model, device=device)
+    if args.shape_only:
+        base, args.model = smollm2_shaped(device), "smollm2-135m-shaped (random weights)"
+    else:
+        base, _ = load_model(args.model, device=device)
     base.train()
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
     q = QuantFormat(fmt=args.fmt, bits=args.bits, group_size=args.group_size)
