@@ -41,14 +41,12 @@ class BatchedFakeQuant:
 
     def batches(self) -> dict[tuple, list[QuantLinear]]:
         """Training-state layers grouped by everything one launch must share."""
+        from harness.quant.triton_fq import aligned
+
         out: dict[tuple, list[QuantLinear]] = defaultdict(list)
         for m in self.layers:
             w = getattr(m, "weight", None)
-            if m.packed or w is None or not _kernel_device(w):
-                continue
-            from harness.quant.triton_fq import aligned
-
-            if not aligned(w):
+            if m.packed or w is None or not _kernel_device(w) or not aligned(w):
                 continue
             q = m.qformat
             group = m.in_features if q.group_size == -1 else q.group_size
