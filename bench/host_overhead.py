@@ -20,8 +20,16 @@ import time
 
 import torch
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576),
-          (1536, 576), (1536, 576), (576, 1536)] * 30  # q k v o gate up down, 30 blocks
+
+def decoder_linear_shapes() -> list[tuple[int, int]]:
+    """[out, in] of every decoder linear of SmolLM2-135M: q k v o gate up down per block."""
+    from train_step import smollm2_config
+
+    c = smollm2_config()
+    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    block = [(h, h), (kv, h), (kv, h), (h, h), (c.intermediate_size, h),
+             (c.intermediate_size, h), (h, c.intermediate_size)]
+    return block * c.num_hidden_layers
 
 
 class _NoLaunch:
@@ -37,7 +45,7 @@ def main() -> None:
 
     for name in ("_fq_fwd", "_fq_bwd", "_fq_fwd_many", "_fq_bwd_many"):
         setattr(tfq, name, _NoLaunch())
-    ws = [torch.zeros(s).requires_grad_() for s in SHAPES]
+    ws = [torch.zeros(s).requires_grad_() for s in decoder_linear_shapes()]
     qargs = ("int", 2, 64, False, False, torch.float16)
 
     def per_layer():

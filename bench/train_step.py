@@ -54,17 +54,23 @@ def step_time(model, ids, steps: int, device, profile: bool = False) -> float:
     return mean
 
 
-def smollm2_shaped(device):
-    """SmolLM2-135M's architecture with random weights: step time does not depend on the
-    weights, and this needs no model file (the GPU machine's first call has none yet)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def smollm2_config():
+    """SmolLM2-135M's architecture (its config.json), for benches that need no model file."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-                      tie_word_embeddings=True)
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                       tie_word_embeddings=True)
+
+
+def smollm2_shaped(device):
+    """SmolLM2-135M with random weights: step time does not depend on the weights, and this
+    needs no model file (the GPU machine's first call has none yet)."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device)
+    return LlamaForCausalLM(smollm2_config()).to(device)
 
 
 def main() -> None:

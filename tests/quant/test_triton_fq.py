@@ -7,24 +7,13 @@ import pytest
 import torch
 
 from harness.quant.primitives import fake_quantize
+from tests.quant.triton_interpret_cases import FORMATS, case_weight
 
 pytestmark = pytest.mark.gpu
 
-FORMATS = [("int", 2, 16, False), ("int", 3, 32, False), ("int", 1, 16, False),
-           ("int", 8, 16, False), ("int", 4, -1, False), ("int", 2, 24, False),
-           ("int", 3, 16, True), ("int", 1, 16, True), ("nf3", 3, 16, False),
-           ("nf3", 3, -1, False)]
+# The interpreter tests' cases (tests/quant/triton_interpret_cases.py), compiled for CUDA here.
 # (detach_scales, scale_dtype): every kernel variant compiles once, so keep the product small.
 SCALES = [(False, torch.float16), (True, torch.float16), (False, None)]
-
-
-def _weight(dtype, cols):
-    torch.manual_seed(cols)
-    w = torch.randn(8, cols) * 0.05
-    w[0, 3] = w[0, 5] = w[0].max() + 0.01  # tied maximum: gradient split between the two
-    w[1, :16] = w[1, :16].abs()             # a group with no negative value
-    w[2, :16] = 0.0                         # a constant group (scale clamped)
-    return w.to(dtype).cuda()
 
 
 @pytest.mark.parametrize("case,scales,dtype", list(itertools.product(
@@ -32,7 +21,7 @@ def _weight(dtype, cols):
 def test_triton_matches_reference(case, scales, dtype):
     fmt, bits, group, sym = case
     detach, scale_dtype = scales
-    w = _weight(dtype, 48 if group == 24 else 128)
+    w = case_weight(dtype, group).cuda()
     g = torch.randn(w.shape, device="cuda").to(dtype)
     outs, grads = [], []
     for fused in (True, False):

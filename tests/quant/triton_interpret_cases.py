@@ -37,6 +37,12 @@ def weight(dtype, rows, cols):
     return w.to(dtype)
 
 
+def case_weight(dtype, group):
+    """The weight of one format case: 5 rows x 48 columns with group 24 (10 groups: a partial
+    tile and a padded group width), else 8 x 128."""
+    return weight(dtype, 5 if group == 24 else 8, 48 if group == 24 else 128)
+
+
 def _run(fn, w, g):
     x = w.clone().requires_grad_()
     y = fn(x)
@@ -50,8 +56,7 @@ def compare(tfq, case, scales, dtype_name) -> dict:
     fmt, bits, group, sym = case
     detach, sd = scales
     dtype, scale_dtype = getattr(torch, dtype_name), sd and getattr(torch, sd)
-    # 5 rows x 48 columns with group 24: 10 groups, a partial tile and a padded group width.
-    w = weight(dtype, 5 if group == 24 else 8, 48 if group == 24 else 128)
+    w = case_weight(dtype, group)
     g = torch.randn(w.shape)
     # The interpreter rounds float32 -> bfloat16 toward zero (compiled kernels round to nearest
     # even, as torch does), so values are compared in float32, before the final cast.
