@@ -217,12 +217,13 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
                     loss = objective.loss(ObjectiveInputs(
                         student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
                         student_hidden=hidden, teacher_hidden=t_hidden))
-                if not torch.isfinite(loss):
+                value = loss.item()  # the step's one host sync
+                if not math.isfinite(value):
                     raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {step + 1}; lower the learning rate "
+                        f"loss is {value} at step {step + 1}; lower the learning rate "
                         f"(train.lr={cfg.lr}) or check the data, then rerun")
                 (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
+                total += value / cfg.grad_accum
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             lr = opt.param_groups[0]["lr"]

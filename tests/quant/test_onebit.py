@@ -126,3 +126,81 @@ def test_bits_per_weight_measured_from_packed_tensors():
     assert m.packed_nbytes() * 8 / m.num_weights == pytest.approx(1 + 16 * (160 + 96) / (160 * 96))
     big = OneBitLinear.empty_packed(4096, 4096)
     assert big.packed_nbytes() * 8 / big.num_weights == pytest.approx(1.0078125)
+
+
+def _trained_layer(dtype, bias=True, seed=0):
+    """A training-form layer moved off its init, with some g/h entries negative."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(40, 24, bias=bias).to(dtype)
+    m = OneBitLinear.from_linear(lin)
+    with torch.no_grad():
+        m.weight.add_(torch.randn(m.weight.shape, generator=gen, dtype=dtype) * 0.02)
+        m.g.mul_(torch.randn(m.g.shape, generator=gen, dtype=dtype))
+        m.h.mul_(torch.randn(m.h.shape, generator=gen, dtype=dtype))
+    return m
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_forward_and_gradients_equal_the_paper_formula(bias):
+    # fp64: the two orders of the same products agree to ~1e-15, so a wrong gradient term
+    # (a missing tanh factor, g and h swapped, a dropped sign) cannot hide in the tolerance.
+    m = _trained_layer(torch.float64, bias=bias)
+    x = torch.randn(3, 7, 40, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 7, 24, dtype=torch.float64)
+    grads = []
+    for fwd in (m.forward, m.reference_forward):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        y = fwd(x)
+        (y * up).sum().backward()
+        grads.append((y.detach(), x.grad.clone(),
+                      {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (y1, gx1, gp1), (y2, gx2, gp2) = grads
+    assert torch.allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gx1, gx2, rtol=1e-10, atol=1e-12)
+    assert set(gp1) == set(gp2) == ({"weight", "g", "h"} | ({"bias"} if bias else set()))
+    for name in gp1:
+        assert torch.allclose(gp1[name], gp2[name], rtol=1e-10, atol=1e-12), name
+
+
+def test_folded_forward_fp32_close_to_paper_formula_and_packed_equal():
+    m = _trained_layer(torch.float32)
+    x = torch.randn(5, 40)
+    assert torch.allclose(m(x), m.reference_forward(x), atol=2e-5)
+    packed = copy.deepcopy(m).pack()
+    assert torch.equal(packed(x), m(x))
+    assert torch.allclose(packed.reference_forward(x), m.reference_forward(x), atol=1e-6)
+
+
+def test_negative_zero_latent_weight_is_plus_one_in_both_forms():
+    m = OneBitLinear.from_linear(nn.Linear(8, 4, bias=False))
+    with torch.no_grad():
+        m.weight[0, :4] = -0.0
+        m.weight[1, :4] = 0.0
+    signs = sign_ste(m.weight.detach())
+    assert (signs[:2, :4] == 1).all()
+    x = torch.randn(2, 8)
+    assert torch.equal(copy.deepcopy(m).pack()(x), m(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_folded_layer_on_cuda_under_bf16_autocast():
+    # The trainer's setting: fp32 parameters, bf16 autocast. Folding moves the bf16 rounding
+    # from x * g to h g^T * sign: the outputs agree to bf16 precision, the packed form exactly.
+    m = _trained_layer(torch.float32).cuda()
+    x = torch.randn(4, 64, 40, device="cuda", requires_grad=True)
+    up = torch.randn(4, 64, 24, device="cuda")  # LayerNorm makes a loss like sum(y^2) constant
+    outs = []
+    for fwd in (m.forward, m.reference_forward):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fwd(x)
+        (y.float() * up).sum().backward()
+        outs.append([y.float().detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*outs, strict=True):  # bf16 keeps 8 bits: ~0.4% per rounding
+        assert float((a - b).norm() / b.norm()) < 0.02
+    packed = copy.deepcopy(m).pack()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(packed(x), m(x))

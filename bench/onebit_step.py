@@ -1,0 +1,117 @@
+"""OneBit training-step cost: the layer as the paper writes it (``((x * g) @ sign(W)^T) * h``,
+op by op) vs the folded layer (``x @ ((h g^T) * sign(W))^T``, one autograd node for the
+weight), inside the trainer's step: teacher forward, student forward, KD + hidden-state loss,
+backward, AdamW.
+
+    python bench/onebit_step.py                                 # SmolLM2, 8x1024 (GPU sizes)
+    python bench/onebit_step.py --batch 4 --seq 256 --steps 2   # CPU-sized
+    python bench/onebit_step.py --shape-only --profile          # random weights, + profiles
+
+Both variants run in the same process, one after another, on the same input and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from contextlib import nullcontext
+
+import torch
+
+from harness.models import load_model
+from harness.quant.modules import decoder_linear_names, replace_linears
+from harness.quant.onebit import OneBitLinear
+from harness.train.losses import onebit_loss
+
+
+def _peak_reset(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple[float, float]:
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5,
+                            betas=(0.9, 0.98), weight_decay=0.01)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with amp:
+            with torch.no_grad():
+                t = teacher(input_ids=ids, output_hidden_states=True)
+            s = student(input_ids=ids, output_hidden_states=True)
+            loss = onebit_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], s.hidden_states,
+                               t.hidden_states)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # the trainer's per-step sync
+
+    step()  # warm-up
+    sync()
+    _peak_reset(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    mean = (time.perf_counter() - t0) / steps
+    peak = _peak_mb(device)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with prof(activities=acts) as p:
+            step()
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=15))
+    return mean, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true", help="print a profiler table per variant")
+    ap.add_argument("--shape-only", action="store_true",
+                    help="SmolLM2-135M's shapes with random weights instead of --model")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.shape_only:
+        from train_step import smollm2_shaped
+
+        teacher, args.model = smollm2_shaped(device), "smollm2-135m-shaped (random weights)"
+    else:
+        teacher, _ = load_model(args.model, device=device)
+    teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    # SVID's NMF rounds do not change the step's cost: a few are enough here.
+    replace_linears(student, decoder_linear_names(student),
+                    lambda _n, lin: OneBitLinear.from_linear(lin, iters=5))
+    student.get_input_embeddings().requires_grad_(False)
+    student.get_output_embeddings().requires_grad_(False)
+    student.train()
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq), device=device)
+    print(f"{args.model} OneBit step (teacher + student + KD/hidden loss + AdamW), "
+          f"batch {args.batch}x{args.seq} on {device}, {args.steps} steps each")
+    layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
+    times = {}
+    for variant in ("paper", "folded"):
+        for m in layers:  # instance attribute: the class's forward stays the folded one
+            m.forward = m.reference_forward if variant == "paper" else OneBitLinear.forward.__get__(m)
+        times[variant], peak = step_time(student, teacher, ids, args.steps, device, args.profile)
+        print(f"  {variant:<7}{times[variant] * 1e3:9.1f} ms/step  peak {peak:8.0f} MB")
+    print(f"  folded / paper: {times['folded'] / times['paper']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
