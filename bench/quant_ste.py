@@ -6,6 +6,10 @@ For a weight (default 11008x4096, a LLaMA-7B MLP matrix), times forward+backward
   - ours: harness.quant.fake_quantize (the path QuantLinear trains with);
 and the memory floor: bytes a fused kernel must move (read w, write w_q, read grad, write
 grad_w) divided by the device copy bandwidth measured in the same run. Prints ratios.
+Each repetition starts with ``w.grad = None``, as a training step after
+``zero_grad(set_to_none=True)``: otherwise autograd adds every new gradient into the old one,
+three more passes over the weight that neither the floor nor a training step has (runs before
+2026-11-26 afternoon timed them for ref and ours alike).
 
     python bench/quant_ste.py                      # CUDA if available, else CPU
     python bench/quant_ste.py --rows 2048 --cols 1024 --device cpu
@@ -74,7 +78,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiles", default="", help="CUDA: also time the Triton kernel at these "
                     "elements-per-program values (comma list), bf16 only")
     args = ap.parse_args()
@@ -90,9 +94,11 @@ def main() -> None:
         floor = 4 * w.numel() * w.element_size() / bw
         for fmt, bits, group in CASES:
             def ref(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
+                w.grad = None
                 reference_fake_quant(w, fmt, bits, group).backward(grad)
 
             def ours(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
+                w.grad = None
                 fake_quantize(w, fmt, bits, group).backward(grad)
 
             t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)
