@@ -5,8 +5,9 @@ Conventions, all losses:
 - ``student_logits`` / ``teacher_logits`` are ``[B, T, V]``; ``labels`` is ``[B, T]``, the
   next-token target of each logit position, ``-100`` where the position is ignored.
 - No temperature: both papers distil at T = 1.
-- Accumulation in fp32 whatever the logits' dtype (bf16 log-softmax over 32k-150k classes loses
-  too much), through ``log_softmax`` only (never ``softmax(...).log()``).
+- Accumulation in at least fp32 whatever the logits' dtype (bf16 log-softmax over 32k-150k
+  classes loses too much; fp64 stays fp64), through ``log_softmax`` only (never
+  ``softmax(...).log()``).
 - Reduction of the distillation losses (``fkl``, ``rkl``, ``jsd``, ``cakld``) follows
   BitDistiller's ``train/mytrainer.py``: per-position divergence summed over the vocabulary,
   masked, summed over the positions of each sequence, then averaged over the sequences of the
@@ -41,7 +42,7 @@ Reduction = Literal["batchmean", "mean"]
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,58 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """
     p = logp.exp()
     return (p * (logp - logq)).masked_fill(p == 0, 0.0).sum(-1)
+
+
+class _KLPair(torch.autograd.Function):
+    """Per position ``w_rev KL(S || T) + w_fwd KL(T || S)`` from logits, gradient to ``S`` only.
+
+    The value is :func:`_kl`'s, bit for bit. The backward is analytic, with ``q = softmax(s)``,
+    ``p = softmax(t)``: ``d KL(T || S) / ds = q - p`` and
+    ``d KL(S || T) / ds = q (log q - log p - KL(S || T))`` (0 where ``q = 0``, the ``0 log 0``
+    convention). Autograd's graph of the same formula keeps about five ``[B, T, V]`` fp32
+    tensors and makes about twice the passes over them; this keeps the two log-probability
+    tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, w_rev: float, w_fwd: float):
+        logq, logp = _log_probs(s), _log_probs(t)
+        per_pos, kl_rev = None, None
+        if w_rev:
+            kl_rev = _kl(logq, logp)
+            per_pos = kl_rev * w_rev if w_rev != 1 else kl_rev.clone()
+        if w_fwd:
+            kl_fwd = _kl(logp, logq)
+            kl_fwd = kl_fwd * w_fwd if w_fwd != 1 else kl_fwd
+            per_pos = kl_fwd if per_pos is None else per_pos + kl_fwd
+        if per_pos is None:
+            per_pos = logq.new_zeros(logq.shape[:-1])
+        ctx.save_for_backward(logq, logp, kl_rev)
+        ctx.weights, ctx.s_dtype = (w_rev, w_fwd), s.dtype
+        return per_pos
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logq, logp, kl_rev = ctx.saved_tensors
+        w_rev, w_fwd = ctx.weights
+        q = logq.exp()
+        out = torch.zeros_like(q)
+        if w_fwd:
+            out = torch.sub(q, logp.exp()).mul_(w_fwd)
+        if w_rev:
+            rev = (logq - logp).sub_(kl_rev.unsqueeze(-1)).mul_(q).masked_fill_(q == 0, 0.0)
+            out.add_(rev, alpha=w_rev)
+        out.mul_(grad.unsqueeze(-1))
+        return out.to(ctx.s_dtype), None, None, None
+
+
+def _kl_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, w_rev: float,
+             w_fwd: float) -> torch.Tensor:
+    """``w_rev KL(S || T) + w_fwd KL(T || S)`` per position (``[B, T]``)."""
+    if teacher_logits.requires_grad:  # the analytic backward sends nothing to the teacher
+        logs, logt = _log_probs(student_logits), _log_probs(teacher_logits)
+        return w_rev * _kl(logs, logt) + w_fwd * _kl(logt, logs)
+    return _KLPair.apply(student_logits, teacher_logits, float(w_rev), float(w_fwd))
 
 
 def _mask(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -114,8 +167,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns:
         Scalar fp32 tensor.
     """
-    logs, logt = _log_probs(student_logits), _log_probs(teacher_logits)
-    return _reduce(_kl(logt, logs), _mask(labels, logs), reduction)
+    return _reduce(_kl_pair(student_logits, teacher_logits, 0.0, 1.0),
+                   _mask(labels, student_logits), reduction)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -126,8 +179,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     (``kl_div(log_softmax(T), softmax(S))``; its comment says KL(T||S) but the call computes
     KL(S||T)). Arguments and reduction as :func:`forward_kl`.
     """
-    logs, logt = _log_probs(student_logits), _log_probs(teacher_logits)
-    return _reduce(_kl(logs, logt), _mask(labels, logs), reduction)
+    return _reduce(_kl_pair(student_logits, teacher_logits, 1.0, 0.0),
+                   _mask(labels, student_logits), reduction)
 
 
 def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -212,9 +265,8 @@ def cakld(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns:
         Scalar fp32 tensor.
     """
-    logs, logt = _log_probs(student_logits), _log_probs(teacher_logits)
-    per_pos = gamma * _kl(logs, logt) + (1.0 - gamma) * _kl(logt, logs)
-    return _reduce(per_pos, _mask(labels, logs), reduction)
+    return _reduce(_kl_pair(student_logits, teacher_logits, gamma, 1.0 - gamma),
+                   _mask(labels, student_logits), reduction)
 
 
 # ----------------------------------------------------------------------------- CAKLD gamma

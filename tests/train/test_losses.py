@@ -175,3 +175,59 @@ def test_registry_uniform_signature_and_unknown_name():
         L.get_loss("cakld")(inputs)
     with pytest.raises(ValueError, match="teacher"):
         L.get_loss("rkl")(ObjectiveInputs(student_logits=s, labels=y))
+
+
+def _autograd_kl(s, t, y, w_rev, w_fwd):
+    """The divergences as plain autograd graphs of the formula (what the analytic backward of
+    forward_kl / reverse_kl / cakld must reproduce)."""
+    logs, logt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    per_pos = 0
+    if w_rev:
+        per_pos = per_pos + w_rev * L._kl(logs, logt)
+    if w_fwd:
+        per_pos = per_pos + w_fwd * L._kl(logt, logs)
+    mask = (y != -100).double()
+    return (per_pos * mask).sum(-1).mean()
+
+
+@pytest.mark.parametrize("name,w_rev,w_fwd", [("fkl", 0.0, 1.0), ("rkl", 1.0, 0.0),
+                                              ("cakld", 0.3, 0.7)])
+def test_kl_gradients_equal_the_autograd_graph(name, w_rev, w_fwd):
+    gen = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 3
+    # A token the teacher rules out: 0 log 0 in KL(T || S); KL(S || T) is then infinite, so the
+    # directions with a reverse term get a teacher that nearly rules it out instead.
+    t[0, 1, 4] = float("-inf") if name == "fkl" else -200.0
+    # A token the student rules out (q = 0: 0 log 0 in KL(S || T); KL(T || S) is infinite
+    # there, so the directions with a forward term get an underflowing logit instead).
+    s.data[0, 2, 3] = float("-inf") if name == "rkl" else -800.0
+    y = torch.randint(0, 11, (3, 5), generator=gen)
+    y[1, 2] = y[2, 0] = -100
+    fn = {"fkl": L.forward_kl, "rkl": L.reverse_kl,
+          "cakld": lambda a, b, c: L.cakld(a, b, c, gamma=0.3)}[name]
+    ours = fn(s, t, y)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    # Autograd's log_softmax backward turns a -inf logit into NaN for the whole position; the
+    # limit is the gradient at an underflowing logit, which gives the same probabilities.
+    s_ref = s.detach().nan_to_num(neginf=-800.0).requires_grad_()
+    ref = _autograd_kl(s_ref, t, y, w_rev, w_fwd)
+    (g_ref,) = torch.autograd.grad(ref, s_ref)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.isfinite(g_ours).all()
+    assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+    assert (g_ours[1, 2] == 0).all() and (g_ours[2, 0] == 0).all()  # masked positions
+
+
+def test_kl_gradient_reaches_the_teacher_when_it_requires_grad():
+    s = torch.randn(2, 3, 7, requires_grad=True)
+    t = torch.randn(2, 3, 7, requires_grad=True)
+    L.cakld(s, t, None, gamma=0.4).backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_bf16_student_logits_get_a_bf16_gradient():
+    s = torch.randn(2, 3, 7).bfloat16().requires_grad_()
+    t = torch.randn(2, 3, 7).bfloat16()
+    L.forward_kl(s, t, None).backward()
+    assert s.grad.dtype == torch.bfloat16
