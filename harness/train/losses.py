@@ -88,9 +88,7 @@ class _KLPair(torch.autograd.Function):
         logq, logp, kl_rev = ctx.saved_tensors
         w_rev, w_fwd = ctx.weights
         q = logq.exp()
-        out = torch.zeros_like(q)
-        if w_fwd:
-            out = torch.sub(q, logp.exp()).mul_(w_fwd)
+        out = torch.sub(q, logp.exp()).mul_(w_fwd) if w_fwd else torch.zeros_like(q)
         if w_rev:
             rev = (logq - logp).sub_(kl_rev.unsqueeze(-1)).mul_(q).masked_fill_(q == 0, 0.0)
             out.add_(rev, alpha=w_rev)
