@@ -7,19 +7,19 @@ backward, AdamW.
     python bench/onebit_step.py --batch 4 --seq 256 --steps 2   # CPU-sized
     python bench/onebit_step.py --shape-only --profile          # random weights, + profiles
 
-Both variants run in the same process, one after another, on the same input and weights.
+Both variants run in the same process on the same input and weights, alternating for
+``--rounds`` rounds; the fastest round of each counts (see train_step.interleaved).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from contextlib import nullcontext
 
 import torch
+from train_step import bench_model, interleaved, print_profile, step_bench_args
 
-from harness.models import load_model
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.losses import onebit_loss
@@ -62,36 +62,14 @@ def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple
     mean = (time.perf_counter() - t0) / steps
     peak = _peak_mb(device)
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with prof(activities=acts) as p:
-            step()
-            sync()
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(p.key_averages().table(sort_by=key, row_limit=15))
+        print_profile(step, device, rows=15)
     return mean, peak
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="print a profiler table per variant")
-    ap.add_argument("--shape-only", action="store_true",
-                    help="SmolLM2-135M's shapes with random weights instead of --model")
-    args = ap.parse_args()
+    args = step_bench_args().parse_args()
     device = torch.device(args.device)
-    if args.shape_only:
-        from train_step import smollm2_shaped
-
-        teacher, args.model = smollm2_shaped(device), "smollm2-135m-shaped (random weights)"
-    else:
-        teacher, _ = load_model(args.model, device=device)
+    teacher = bench_model(args, device)
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     # SVID's NMF rounds do not change the step's cost: a few are enough here.
@@ -102,16 +80,22 @@ def main() -> None:
     student.train()
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq), device=device)
     print(f"{args.model} OneBit step (teacher + student + KD/hidden loss + AdamW), "
-          f"batch {args.batch}x{args.seq} on {device}, {args.steps} steps each")
+          f"batch {args.batch}x{args.seq} on {device}, {args.steps} steps per round, "
+          f"{args.rounds} rounds")
     layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
-    times = {}
-    for variant in ("paper", "folded"):
+    peaks = {}
+
+    def measure(variant: str, last: bool) -> float:
         for m in layers:  # instance attribute: the class's forward stays the folded one
             m.forward = m.reference_forward if variant == "paper" else OneBitLinear.forward.__get__(m)
-        times[variant], peak = step_time(student, teacher, ids, args.steps, device, args.profile)
-        print(f"  {variant:<7}{times[variant] * 1e3:9.1f} ms/step  peak {peak:8.0f} MB")
-    print(f"  folded / paper: {times['folded'] / times['paper']:.2f}x")
+        mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
+                                         args.profile and last)
+        return mean
 
+    best = interleaved(measure, ["paper", "folded"], args.rounds)
+    if device.type == "cuda":
+        print(f"  peak GPU memory: paper {peaks['paper']:.0f} MB, folded {peaks['folded']:.0f} MB")
+    print(f"  folded / paper: {best['folded'] / best['paper']:.2f}x")
 
 if __name__ == "__main__":
     main()
