@@ -69,16 +69,9 @@ class _KLPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, w_rev: float, w_fwd: float):
         logq, logp = _log_probs(s), _log_probs(t)
-        per_pos, kl_rev = None, None
-        if w_rev:
-            kl_rev = _kl(logq, logp)
-            per_pos = kl_rev * w_rev if w_rev != 1 else kl_rev.clone()
-        if w_fwd:
-            kl_fwd = _kl(logp, logq)
-            kl_fwd = kl_fwd * w_fwd if w_fwd != 1 else kl_fwd
-            per_pos = kl_fwd if per_pos is None else per_pos + kl_fwd
-        if per_pos is None:
-            per_pos = logq.new_zeros(logq.shape[:-1])
+        kl_rev = _kl(logq, logp) if w_rev else None
+        terms = ([kl_rev * w_rev] if w_rev else []) + ([_kl(logp, logq) * w_fwd] if w_fwd else [])
+        per_pos = sum(terms) if terms else logq.new_zeros(logq.shape[:-1])
         ctx.save_for_backward(logq, logp, kl_rev)
         ctx.weights, ctx.s_dtype = (w_rev, w_fwd), s.dtype
         return per_pos
