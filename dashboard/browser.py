@@ -190,14 +190,25 @@ class Page:
         if ws is not None:
             with contextlib.suppress(Exception):
                 ws.close()
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._profile.cleanup()
+        # Chromium's helpers (renderer, crashpad) share its session and may still write
+        # into the profile after the browser process exits: stop the whole group first.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, 15)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, 9)
+        self._proc.wait()
+        # a helper killed mid-write can leave files behind for a moment; it is a temp dir
+        for _ in range(20):
+            shutil.rmtree(self._profile.name, ignore_errors=True)
+            if not os.path.exists(self._profile.name):
+                break
+            time.sleep(0.25)
+        with contextlib.suppress(OSError):
+            self._profile.cleanup()
 
     def __enter__(self) -> Page:
         return self
