@@ -51,7 +51,12 @@ def test_profile_budget_applies_under_user_overrides():
     assert spec.config["train"]["steps"] == 3
     assert spec.config["train"]["batch_size"] == 4  # quick profile
     onebit = build_spec("tiny-llama", "onebit", {}, "quick", 0, in_features=IN)
-    assert onebit.config["train"]["lr"] == 4e-4  # method default survives the profile
+    from harness.train.config import TrainConfig
+    from methods.onebit import OneBitConfig
+
+    method_lr = OneBitConfig().train.lr
+    assert method_lr != TrainConfig().lr
+    assert onebit.config["train"]["lr"] == method_lr  # method default survives the profile
 
 
 def test_bitdistiller_paper_formats():
