@@ -25,8 +25,8 @@ class OneBitConfig(MethodConfig):
         "paper", description="paper: KD + alpha*hidden; code: 0.01*KD + alpha*hidden")
     data: Literal["corpus", "teacher"] = "teacher"
     # lr 1e-3, not the paper's 4e-4 (its smallest model is 1.3B): on SmolLM2-135M (CPU, quick
-    # profile) 1e-3 gave 13.6x lower PPL than 4e-4 after 40 steps and 1.3x after 160; 2e-3
-    # spiked and ended worse (docs/RESULTS.md, "OneBit learning rate").
+    # profile) 1e-3 gave 13.6x lower PPL than 4e-4 after 40 steps, 1.3x after 160 and the same
+    # after 300; 2e-3 spiked and ended worse (docs/RESULTS.md, "OneBit learning rate").
     train: TrainConfig = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=4,
                                      betas=(0.9, 0.98), weight_decay=0.01)
 
