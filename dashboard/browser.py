@@ -203,12 +203,11 @@ class Page:
         self._proc.wait()
         # a helper killed mid-write can leave files behind for a moment; it is a temp dir
         for _ in range(20):
-            shutil.rmtree(self._profile.name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._profile.cleanup()
             if not os.path.exists(self._profile.name):
                 break
             time.sleep(0.25)
-        with contextlib.suppress(OSError):
-            self._profile.cleanup()
 
     def __enter__(self) -> Page:
         return self
