@@ -21,7 +21,8 @@ same products, grouped on the weight: :func:`effective_weight`), so ``g`` and ``
 weight-sized work instead of two passes over the activations and their backward. It pays
 with many tokens per step: a OneBit training step of SmolLM2 on the CPU takes 0.78x the paper
 order's time at 4x256 tokens, 0.99x at 2x256, 1.05x at 1x64 (``bench/onebit_step.py``);
-``sign(0) = +1`` here (``torch.sign`` gives 0, which a 1-bit format cannot store); NMF by multiplicative updates from a deterministic start instead of
+``sign(0) = +1`` here (``torch.sign`` gives 0, which a 1-bit format cannot store); NMF by
+multiplicative updates from a deterministic start instead of
 scikit-learn's ``NMF(init='random', random_state=0)`` coordinate descent (for rank 1 both reach
 the top singular pair of ``|W|``, up to how the scale is split between ``a`` and ``b``; the
 layer is invariant to that split because of the LayerNorm).
