@@ -204,3 +204,101 @@ def test_folded_layer_on_cuda_under_bf16_autocast():
     packed = copy.deepcopy(m).pack()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(packed(x), m(x))
+
+
+# --------------------------------------------------------------------------- batched weights
+
+
+def _random_layers(dtype=torch.float32, shapes=((24, 40), (8, 40), (40, 16))):
+    torch.manual_seed(3)
+    ws = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
+    ws[0][0, :3] = torch.tensor([0.0, -0.0, 0.0])  # sign(+-0) = +1
+    gs = [torch.rand(i, dtype=dtype) + 0.5 for _, i in shapes]
+    hs = [torch.rand(o, dtype=dtype) + 0.5 for o, _ in shapes]
+    return [t.requires_grad_() for t in ws + gs + hs]
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_effective_weights_of_many_layers_equal_one_by_one(out_dtype):
+    from harness.quant.onebit import effective_weight, effective_weights
+
+    n = 3
+    torch.manual_seed(4)
+    ups = [torch.randn(o, i) for o, i in ((24, 40), (8, 40), (40, 16))]
+    found = []
+    for many in (True, False):
+        ts = _random_layers()
+        ws, gs, hs = ts[:n], ts[n : 2 * n], ts[2 * n :]
+        if many:
+            outs = effective_weights(ws, gs, hs, torch.float32, out_dtype)
+        else:
+            outs = [effective_weight(w, g, h).to(out_dtype or torch.float32)
+                    for w, g, h in zip(ws, gs, hs, strict=True)]
+        sum((o * u.to(o.dtype)).float().sum() for o, u in zip(outs, ups, strict=True)).backward()
+        found.append(([o.detach() for o in outs], [t.grad for t in ts]))
+    (outs_many, grads_many), (outs_one, grads_one) = found
+    for a, b in zip(outs_many, outs_one, strict=True):
+        assert a.dtype == (out_dtype or torch.float32) and torch.equal(a, b)
+    for a, b in zip(grads_many, grads_one, strict=True):
+        assert a is not None and a.dtype == torch.float32 and torch.equal(a, b)
+    # and the value is the layer's formula: h16 g16^T * (+1 where w >= 0 else -1)
+    ws, gs, hs = _random_layers()[:n], _random_layers()[n : 2 * n], _random_layers()[2 * n :]
+    for o, w, g, h in zip(outs_many, ws, gs, hs, strict=True):
+        signs = torch.where(w.detach() >= 0, 1.0, -1.0)
+        ref = torch.outer(h.detach().half().float(), g.detach().half().float()) * signs
+        assert torch.equal(o, ref.to(o.dtype))
+
+
+def _tiny_onebit():
+    from harness.models import load_model
+    from harness.quant.modules import decoder_linear_names, replace_linears
+
+    model, _ = load_model("tiny-llama")
+    model = copy.deepcopy(model)
+    replace_linears(model, decoder_linear_names(model),
+                    lambda _n, lin: OneBitLinear.from_linear(lin, iters=3))
+    return model
+
+
+def _step(model, ids, device_type, amp, batched):
+    from harness.quant.batched import BatchedOneBit
+
+    m = copy.deepcopy(model).train()
+    hooks = BatchedOneBit(m) if batched else None
+    own = []
+    for layer in m.modules():
+        if isinstance(layer, OneBitLinear):
+            real = layer._weight
+            layer._weight = lambda dtype, real=real: own.append(1) or real(dtype)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if hooks is not None:
+        assert len(hooks.layers) == 14
+        assert all(layer.batched_weight is None for layer in hooks.layers)  # cleared after
+        assert not own  # every layer took the batched weight
+    else:
+        assert len(own) == 14
+    return loss.detach(), [(n, p.grad) for n, p in m.named_parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_batched_onebit_training_step_equals_per_layer(amp):
+    model = _tiny_onebit()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    (l1, g1), (l2, g2) = (_step(model, ids, "cpu", amp, b) for b in (False, True))
+    assert torch.equal(l1, l2)
+    assert [n for n, _ in g1] == [n for n, _ in g2] and len(g1) > 40
+    for (name, a), (_, b) in zip(g1, g2, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_onebit_training_step_equals_per_layer_on_cuda():
+    model = _tiny_onebit().cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), device="cuda")
+    (l1, g1), (l2, g2) = (_step(model, ids, "cuda", True, b) for b in (False, True))
+    assert torch.equal(l1, l2)
+    for (name, a), (_, b) in zip(g1, g2, strict=True):
+        assert torch.equal(a, b), name
