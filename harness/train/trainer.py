@@ -151,15 +151,24 @@ def _forward(model, ids, hidden: bool):
     return out.logits[:, :-1], (out.hidden_states if hidden else None)
 
 
-def _batched_fake_quant(model: nn.Module, device: torch.device):
-    """One fake-quant launch per pass for all layers (harness.quant.batched) when asked for
-    with HARNESS_BATCHED_FAKE_QUANT=1 on CUDA. A speed switch, not part of the run's spec:
-    values and gradients equal the per-layer path's."""
-    if device.type != "cuda" or os.environ.get("HARNESS_BATCHED_FAKE_QUANT") != "1":
-        return None
-    from harness.quant.batched import BatchedFakeQuant
+def _batched_weights(model: nn.Module, device: torch.device) -> list:
+    """Every layer's weight in one go per pass (harness.quant.batched) unless
+    HARNESS_BATCHED_WEIGHTS=0: fake quantization on CUDA (one Triton launch per format),
+    OneBit's effective weights on any device (multi-tensor ops). A speed switch, not part of
+    the run's spec: values and gradients equal the per-layer path's bit for bit. On the H200
+    the QAT step went from 1.48x (int2 g64) / 1.43x (NF3 g64) the plain step per layer to
+    1.07x / 1.01x batched (docs/RESULTS.md, "GPU, second session")."""
+    if os.environ.get("HARNESS_BATCHED_WEIGHTS", "1") == "0":
+        return []
+    from harness.quant.batched import BatchedFakeQuant, BatchedOneBit
 
-    return BatchedFakeQuant(model)
+    hooks = [BatchedOneBit(model)]
+    if device.type == "cuda":
+        hooks.append(BatchedFakeQuant(model))
+    for h in hooks:
+        if not h.layers:
+            h.remove()
+    return [h for h in hooks if h.layers]
 
 
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
@@ -200,7 +209,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {ctx.spec.method}", unit="step")
     loss_value = float("nan")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
-    batched = _batched_fake_quant(model, device)
+    batched = _batched_weights(model, device)
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -239,8 +248,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
                 bar.update(1)
     finally:
-        if batched is not None:
-            batched.remove()
+        for hooks in batched:
+            hooks.remove()
     if bar is not None:
         bar.close()
     model.eval()
