@@ -1,11 +1,13 @@
 """OneBit training-step cost: the layer as the paper writes it (``((x * g) @ sign(W)^T) * h``,
 op by op) vs the folded layer (``x @ ((h g^T) * sign(W))^T``, one autograd node for the
-weight), inside the trainer's step: teacher forward, student forward, KD + hidden-state loss,
+weight) vs the folded layer batched (every layer's weight in one node, harness.quant.batched,
+what the trainer uses), inside the trainer's step: teacher forward, student forward, KD + hidden-state loss,
 backward, AdamW.
 
     python bench/onebit_step.py                                 # SmolLM2, 8x1024 (GPU sizes)
     python bench/onebit_step.py --batch 4 --seq 256 --steps 2   # CPU-sized
     python bench/onebit_step.py --shape-only --profile          # random weights, + profiles
+    python bench/onebit_step.py --shape-only --batch 1 --seq 16 --steps 1 --count-ops
 
 Both variants run in the same process on the same input and weights, alternating for
 ``--rounds`` rounds; the fastest round of each counts (see train_step.interleaved).
@@ -18,8 +20,10 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import bench_model, interleaved, print_profile, step_bench_args
 
+from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.losses import onebit_loss
@@ -34,20 +38,56 @@ def _peak_mb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
+def _amp(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def forward_backward(student, teacher, ids, device) -> torch.Tensor:
+    with _amp(device):
+        with torch.no_grad():
+            t = teacher(input_ids=ids, output_hidden_states=True)
+        s = student(input_ids=ids, output_hidden_states=True)
+        loss = onebit_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], s.hidden_states,
+                           t.hidden_states)
+    loss.backward()
+    return loss
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops dispatched (views and detaches aside: they launch no kernel)."""
+
+    FREE = frozenset({"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand",
+                      "slice", "select", "permute", "detach", "alias", "split",
+                      "split_with_sizes", "reshape", "as_strided"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(student, teacher, ids, device) -> int:
+    """ATen ops of one forward + backward (the optimizer left out: its count depends on the
+    device's foreach support, not on the layer)."""
+    forward_backward(student, teacher, ids, device)  # warm-up: lazily built state
+    student.zero_grad(set_to_none=True)
+    with _CountOps() as counter:
+        forward_backward(student, teacher, ids, device)
+    student.zero_grad(set_to_none=True)
+    return counter.count
+
+
 def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple[float, float]:
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5,
                             betas=(0.9, 0.98), weight_decay=0.01)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
-        with amp:
-            with torch.no_grad():
-                t = teacher(input_ids=ids, output_hidden_states=True)
-            s = student(input_ids=ids, output_hidden_states=True)
-            loss = onebit_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], s.hidden_states,
-                               t.hidden_states)
-        loss.backward()
+        loss = forward_backward(student, teacher, ids, device)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # the trainer's per-step sync
@@ -67,7 +107,10 @@ def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple
 
 
 def main() -> None:
-    args = step_bench_args().parse_args()
+    ap = step_bench_args()
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the ATen ops one forward + backward dispatches per variant")
+    args = ap.parse_args()
     device = torch.device(args.device)
     teacher = bench_model(args, device)
     teacher.eval().requires_grad_(False)
@@ -83,19 +126,31 @@ def main() -> None:
           f"batch {args.batch}x{args.seq} on {device}, {args.steps} steps per round, "
           f"{args.rounds} rounds")
     layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
-    peaks = {}
+    peaks, ops = {}, {}
 
     def measure(variant: str, last: bool) -> float:
         for m in layers:  # instance attribute: the class's forward stays the folded one
             m.forward = m.reference_forward if variant == "paper" else OneBitLinear.forward.__get__(m)
-        mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
-                                         args.profile and last)
+        hooks = BatchedOneBit(student) if variant == "batched" else None
+        try:
+            if args.count_ops and last:
+                ops[variant] = count_ops(student, teacher, ids, device)
+            mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
+                                             args.profile and last)
+        finally:
+            if hooks is not None:
+                hooks.remove()
         return mean
 
-    best = interleaved(measure, ["paper", "folded"], args.rounds)
+    variants = ["paper", "folded", "batched"]
+    best = interleaved(measure, variants, args.rounds)
     if device.type == "cuda":
-        print(f"  peak GPU memory: paper {peaks['paper']:.0f} MB, folded {peaks['folded']:.0f} MB")
-    print(f"  folded / paper: {best['folded'] / best['paper']:.2f}x")
+        print("  peak GPU memory: " + ", ".join(f"{v} {peaks[v]:.0f} MB" for v in variants))
+    if ops:
+        print("  ATen ops per forward + backward (views aside): "
+              + ", ".join(f"{v} {ops[v]:,}" for v in variants))
+    for v in variants[1:]:
+        print(f"  {v} / paper: {best[v] / best['paper']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ For a weight (default 11008x4096, a LLaMA-7B MLP matrix), times forward+backward
           (flattened groups, torch.round-based STE through separate ops, fp32 upcast);
   - ours: harness.quant.fake_quantize (the path QuantLinear trains with);
 and the memory floor: bytes a fused kernel must move (read w, write w_q, read grad, write
-grad_w) divided by the device copy bandwidth measured in the same run. Prints ratios.
+grad_w) divided by the device copy bandwidth measured in the same run. Prints ratios; on CUDA
+also the time ours keeps the GPU busy (kernel time from the profiler), since a lone call's
+wall time can be bound by the host's launches instead.
 Each repetition starts with ``w.grad = None``, as a training step after
 ``zero_grad(set_to_none=True)``: otherwise autograd adds every new gradient into the old one,
 three more passes over the weight that neither the floor nor a training step has (runs before
@@ -66,6 +68,27 @@ def timed(fn, device, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def kernel_time(fn, reps: int) -> float:
+    """Seconds per call that CUDA kernels run (profiler, summed as its "Self CUDA time total").
+
+    A single fwd+bwd call's wall time also holds the host's work (autograd, launches): when
+    that is longer than the kernels, the GPU idles between calls and the wall time no longer
+    says how close the kernels are to the memory floor; this does.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    return total_us / 1e6 / reps
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -86,8 +109,10 @@ def main() -> None:
     bw = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"weight {args.rows}x{args.cols}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    cuda = device.type == "cuda"
     print(f"{'dtype':9s} {'format':10s} {'ref ms':>9s} {'ours ms':>9s} {'floor ms':>9s} "
-          f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s}")
+          f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s}"
+          + (f" {'ours GPU ms':>11s} {'GPU/floor':>9s}" if cuda else ""))
     for dtype in (torch.bfloat16, torch.float32):
         w = (torch.randn(args.rows, args.cols, device=device) * 0.02).to(dtype).requires_grad_()
         grad = torch.randn_like(w)
@@ -112,9 +137,13 @@ def main() -> None:
                     sweep.append(f"{tile}:{timed(ours, device, args.reps) / floor:.1f}")
                 triton_fq.TILE = default
                 print(f"  tile sweep {name} (elements per program: ours/floor) {' '.join(sweep)}")
-            print(f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
-                  f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
-                  f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
+            row = (f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
+                   f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
+                   f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
+            if cuda:
+                k = kernel_time(ours, args.reps)
+                row += f" {k * 1e3:11.3f} {k / floor:9.1f}"
+            print(row)
 
 
 if __name__ == "__main__":

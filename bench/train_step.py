@@ -135,7 +135,7 @@ def main() -> None:
     base.train()
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
     q = QuantFormat(fmt=args.fmt, bits=args.bits, group_size=args.group_size)
-    label = f"{args.fmt}{args.bits} g{args.group_size}"
+    label = f"{args.fmt if args.fmt == 'nf3' else args.fmt + str(args.bits)} g{args.group_size}"
     models = {"plain": base}
     for variant in ["per-layer"] + (["batched"] if device.type == "cuda" else []):
         quant = copy.deepcopy(base)
