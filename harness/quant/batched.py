@@ -105,6 +105,10 @@ class BatchedOneBit(_PerPassWeights):
     when autocast is on (the dtype the matmul casts it to anyway)."""
 
     layer_type = OneBitLinear
+    # Weights per effective_weights call: its backward's fp32 temporaries are a few times this
+    # (~0.5 GB), where all of a 7B model's weights at once would be tens of GB. SmolLM2's 106M
+    # weights take 4 calls, still a few dozen dispatches per pass instead of thousands.
+    chunk_weights = 1 << 25
 
     def _before(self, module, args) -> None:
         from harness.quant.onebit import effective_weights
@@ -118,7 +122,22 @@ class BatchedOneBit(_PerPassWeights):
             out_dtype = None
             if torch.is_autocast_enabled(device.type):
                 out_dtype = torch.get_autocast_dtype(device.type)
-            outs = effective_weights([m.weight for m in layers], [m.g for m in layers],
-                                     [m.h for m in layers], torch.float32, out_dtype)
-            for m, w in zip(layers, outs, strict=True):
-                m.batched_weight = w
+            for chunk in _chunks(layers, self.chunk_weights):
+                outs = effective_weights([m.weight for m in chunk], [m.g for m in chunk],
+                                         [m.h for m in chunk], torch.float32, out_dtype)
+                for m, w in zip(chunk, outs, strict=True):
+                    m.batched_weight = w
+
+
+def _chunks(layers: list[OneBitLinear], budget: int) -> list[list[OneBitLinear]]:
+    """Consecutive runs of ``layers`` of at most ``budget`` weights each (a larger layer alone)."""
+    out: list[list[OneBitLinear]] = []
+    size = budget
+    for m in layers:
+        n = m.weight.numel()
+        if size + n > budget:
+            out.append([])
+            size = 0
+        out[-1].append(m)
+        size += n
+    return out

@@ -130,7 +130,11 @@ class _EffectiveWeights(torch.autograd.Function):
         ctx.sizes = ([g.numel() for g in gs], [h.numel() for h in hs])
         ctx.dtypes = (dtype, [w.dtype for w in ws], [g.dtype for g in gs], [h.dtype for h in hs])
         ctx.save_for_backward(g16, h16, *ws)
-        out = torch._foreach_mul(_outer_factors(g16, h16, ctx.sizes), _signs_many(ws, dtype))
+        # (sign * h) * g in place: multiplying by +-1 is exact, so this is (h g^T) * sign bit
+        # for bit with one weight-sized temporary instead of three
+        out = _signs_many(ws, dtype)
+        torch._foreach_mul_(out, list(h16.unsqueeze(1).split(ctx.sizes[1])))
+        torch._foreach_mul_(out, list(g16.unsqueeze(0).split(ctx.sizes[0], dim=1)))
         if out_dtype is not None and out_dtype != dtype:
             out = [t.to(out_dtype) for t in out]
         return tuple(out)
@@ -143,22 +147,26 @@ class _EffectiveWeights(torch.autograd.Function):
         need_w, need_g, need_h = (any(ctx.needs_input_grad[3 + k * n : 3 + (k + 1) * n])
                                   for k in range(3))
         d_w = d_g = d_h = [None] * n
+        # In-place where possible: at most two weight-sized temporaries live at once.
         if need_g or need_h:
-            signed = torch._foreach_mul(list(grads), _signs_many(ws, dtype))
+            signed = _signs_many(ws, dtype)
+            torch._foreach_mul_(signed, list(grads))  # promotes: G's values, exactly
             gv, hv = g16.split(ctx.sizes[0]), h16.split(ctx.sizes[1])
             if need_h:
                 d_h = [s.mv(g).to(t) for s, g, t in zip(signed, gv, h_dtypes, strict=True)]
             if need_g:
                 d_g = [(h @ s).to(t) for s, h, t in zip(signed, hv, g_dtypes, strict=True)]
+            del signed
         if need_w:
             # 1.001 - tanh(w)^2, sign's surrogate derivative, by addcmul as _sign_grad_scale
             t = torch._foreach_tanh(ws)
-            scale = torch._foreach_mul(t, 0.0)
-            torch._foreach_add_(scale, 1.001)
-            torch._foreach_addcmul_(scale, t, t, value=-1)
-            if any(t.dtype != dtype for t in scale):
-                scale = [t.to(dtype) for t in scale]
-            d_w = torch._foreach_mul(scale, list(grads))
+            d_w = torch._foreach_mul(t, 0.0)
+            torch._foreach_add_(d_w, 1.001)
+            torch._foreach_addcmul_(d_w, t, t, value=-1)
+            del t
+            if any(d.dtype != dtype for d in d_w):
+                d_w = [d.to(dtype) for d in d_w]
+            torch._foreach_mul_(d_w, list(grads))
             torch._foreach_mul_(d_w, _outer_factors(g16, h16, ctx.sizes))
             d_w = [d if d.dtype == t else d.to(t) for d, t in zip(d_w, w_dtypes, strict=True)]
         return (None, None, None, *d_w, *d_g, *d_h)
@@ -175,6 +183,9 @@ def effective_weights(ws: list[torch.Tensor], gs: list[torch.Tensor], hs: list[t
                       dtype: torch.dtype = torch.float32,
                       out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """:func:`effective_weight` of many layers at once (one autograd node, multi-tensor ops).
+
+    Temporaries are weight-sized for all of ``ws`` together (a few fp32 copies in the
+    backward): callers with large models pass the layers in chunks (harness.quant.batched).
 
     Args:
         ws, gs, hs: each layer's latent weight ``[out, in]``, ``g`` ``[in]`` and ``h`` ``[out]``.

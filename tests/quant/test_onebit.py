@@ -260,11 +260,14 @@ def _tiny_onebit():
     return model
 
 
-def _step(model, ids, device_type, amp, batched):
-    from harness.quant.batched import BatchedOneBit
+def _step(model, ids, device_type, amp, batched, chunk=None):
+    from harness.quant.batched import BatchedOneBit, _chunks
 
     m = copy.deepcopy(model).train()
     hooks = BatchedOneBit(m) if batched else None
+    if hooks is not None and chunk is not None:
+        hooks.chunk_weights = chunk
+        assert len(_chunks(hooks.layers, chunk)) > 3
     own = []
     for layer in m.modules():
         if isinstance(layer, OneBitLinear):
@@ -282,11 +285,11 @@ def _step(model, ids, device_type, amp, batched):
     return loss.detach(), [(n, p.grad) for n, p in m.named_parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_batched_onebit_training_step_equals_per_layer(amp):
+@pytest.mark.parametrize(("amp", "chunk"), [(False, None), (True, None), (False, 20_000)])
+def test_batched_onebit_training_step_equals_per_layer(amp, chunk):
     model = _tiny_onebit()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    (l1, g1), (l2, g2) = (_step(model, ids, "cpu", amp, b) for b in (False, True))
+    (l1, g1), (l2, g2) = (_step(model, ids, "cpu", amp, b, chunk) for b in (False, True))
     assert torch.equal(l1, l2)
     assert [n for n, _ in g1] == [n for n, _ in g2] and len(g1) > 40
     for (name, a), (_, b) in zip(g1, g2, strict=True):
