@@ -9,11 +9,14 @@ path's bit for bit.
 
 - ``BatchedFakeQuant``: ``QuantLinear`` (QAT, BitDistiller), one Triton launch per distinct
   format (CUDA; on the H200 the QAT step went from 1.48x to 1.07x the plain step).
-- ``BatchedOneBit``: ``OneBitLinear``, ``(h g^T) * sign(W)`` as multi-tensor ops (any device).
+- ``BatchedOneBit``: ``OneBitLinear``, ``(h g^T) * sign(W)`` as multi-tensor ops (any device),
+  one node per chunk of layers so that its fp32 temporaries stay bounded.
 
 Layers it cannot batch (packed, on the CPU for the Triton kernel, misaligned) keep the
 per-layer path. The batched outputs live from the model's forward to its backward, as the
-per-layer outputs already do (``F.linear`` saves its weight), so peak memory does not change.
+per-layer outputs already do (``F.linear`` saves its weight), so peak memory changes only by
+those temporaries (~0.5 GB for OneBit at most, made before the activations exist and after
+they are gone).
 """
 
 from __future__ import annotations
