@@ -15,8 +15,7 @@ path's bit for bit.
 Layers it cannot batch (packed, on the CPU for the Triton kernel, misaligned) keep the
 per-layer path. The batched outputs live from the model's forward to its backward, as the
 per-layer outputs already do (``F.linear`` saves its weight), so peak memory changes only by
-those temporaries (~0.5 GB for OneBit at most, made before the activations exist and after
-they are gone).
+those temporaries (OneBit: about 0.5 GB at most, whatever the model's size).
 """
 
 from __future__ import annotations
