@@ -46,17 +46,24 @@ LATENT_INIT = 0.01  # reference: weight = sign(W) * 0.01 after SVID
 LN_EPS = 1e-5  # nn.LayerNorm's default, as the reference BitLinear
 
 
-def _signs(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """+1 where ``w >= 0`` else -1, as ``dtype``. ``w + 0.0`` turns -0.0 into +0.0 (IEEE), so
-    copysign agrees with ``w >= 0`` and with the packed codes; 5x faster than ``torch.where``
-    here."""
-    return torch.ones_like(w, dtype=dtype).copysign_(w.add(0.0))
+def _signs_many(ws: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """+1 where ``w >= 0`` else -1 (-0.0 included, as the packed codes), as ``dtype``, for every
+    tensor in ``ws`` in three multi-tensor ops: ``sign(sign(w) + 0.5)`` maps -1, 0 (either
+    sign) and +1 to -1, +1, +1."""
+    out = torch._foreach_sign(ws)
+    torch._foreach_add_(out, 0.5)
+    torch._foreach_sign_(out)
+    return out if all(t.dtype == dtype for t in out) else [t.to(dtype) for t in out]
 
 
-def _sign_grad_scale(w: torch.Tensor) -> torch.Tensor:
-    """``1.001 - tanh(w)^2``: the reference ``SignSTEFunc``'s surrogate for sign's derivative."""
-    t = torch.tanh(w)
-    return torch.addcmul(t.new_full((), 1.001), t, t, value=-1)
+def _sign_grad_scales(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``1.001 - tanh(w)^2`` for every tensor in ``ws``: the reference ``SignSTEFunc``'s
+    surrogate for sign's derivative, by ``addcmul`` as the reference rounds it."""
+    t = torch._foreach_tanh(ws)
+    out = torch._foreach_mul(t, 0.0)
+    torch._foreach_add_(out, 1.001)
+    torch._foreach_addcmul_(out, t, t, value=-1)
+    return out
 
 
 class _SignSTE(torch.autograd.Function):
@@ -65,12 +72,12 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w)
-        return _signs(w, w.dtype)
+        return _signs_many([w], w.dtype)[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
-        return grad * _sign_grad_scale(w)
+        return grad * _sign_grad_scales([w])[0]
 
 
 def sign_ste(w: torch.Tensor) -> torch.Tensor:
@@ -94,15 +101,6 @@ def _fp16_ste(t: torch.Tensor) -> torch.Tensor:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype of the effective weight: x's, at least fp32 (both forms use it: equal outputs)."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def _signs_many(ws: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """:func:`_signs` of every tensor in ``ws`` in three multi-tensor ops: ``sign(sign(w) + 0.5)``
-    maps -1, 0 (either sign) and +1 to -1, +1, +1, i.e. +1 where ``w >= 0``."""
-    out = torch._foreach_sign(ws)
-    torch._foreach_add_(out, 0.5)
-    torch._foreach_sign_(out)
-    return out if all(t.dtype == dtype for t in out) else [t.to(dtype) for t in out]
 
 
 class _EffectiveWeights(torch.autograd.Function):
@@ -133,8 +131,9 @@ class _EffectiveWeights(torch.autograd.Function):
         # (sign * h) * g in place: multiplying by +-1 is exact, so this is (h g^T) * sign bit
         # for bit with one weight-sized temporary instead of three
         out = _signs_many(ws, dtype)
-        torch._foreach_mul_(out, list(h16.unsqueeze(1).split(ctx.sizes[1])))
-        torch._foreach_mul_(out, list(g16.unsqueeze(0).split(ctx.sizes[0], dim=1)))
+        cols, rows = _factor_views(g16, h16, ctx.sizes)
+        torch._foreach_mul_(out, cols)
+        torch._foreach_mul_(out, rows)
         if out_dtype is not None and out_dtype != dtype:
             out = [t.to(out_dtype) for t in out]
         return tuple(out)
@@ -158,12 +157,7 @@ class _EffectiveWeights(torch.autograd.Function):
                 d_g = [(h @ s).to(t) for s, h, t in zip(signed, hv, g_dtypes, strict=True)]
             del signed
         if need_w:
-            # 1.001 - tanh(w)^2, sign's surrogate derivative, by addcmul as _sign_grad_scale
-            t = torch._foreach_tanh(ws)
-            d_w = torch._foreach_mul(t, 0.0)
-            torch._foreach_add_(d_w, 1.001)
-            torch._foreach_addcmul_(d_w, t, t, value=-1)
-            del t
+            d_w = _sign_grad_scales(ws)
             if any(d.dtype != dtype for d in d_w):
                 d_w = [d.to(dtype) for d in d_w]
             torch._foreach_mul_(d_w, list(grads))
@@ -172,11 +166,15 @@ class _EffectiveWeights(torch.autograd.Function):
         return (None, None, None, *d_w, *d_g, *d_h)
 
 
+def _factor_views(g16: torch.Tensor, h16: torch.Tensor, sizes) -> tuple[list, list]:
+    """Each layer's ``h16_i`` as an ``[out, 1]`` column and ``g16_i`` as a ``[1, in]`` row: views
+    of the concatenated vectors that broadcast to the layer's weight."""
+    return list(h16.unsqueeze(1).split(sizes[1])), list(g16.unsqueeze(0).split(sizes[0], dim=1))
+
+
 def _outer_factors(g16: torch.Tensor, h16: torch.Tensor, sizes) -> list[torch.Tensor]:
-    """``h16_i g16_i^T`` for every layer, from the concatenated vectors."""
-    rows = g16.unsqueeze(0).split(sizes[0], dim=1)
-    cols = h16.unsqueeze(1).split(sizes[1])
-    return torch._foreach_mul(list(cols), list(rows))
+    """``h16_i g16_i^T`` for every layer."""
+    return torch._foreach_mul(*_factor_views(g16, h16, sizes))
 
 
 def effective_weights(ws: list[torch.Tensor], gs: list[torch.Tensor], hs: list[torch.Tensor],
