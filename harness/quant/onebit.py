@@ -111,9 +111,10 @@ class _EffectiveWeights(torch.autograd.Function):
     ``dL/dw = G * h16 g16^T * (1.001 - tanh(w)^2)``, ``dL/dh = (G * sign) g16``,
     ``dL/dg = (G * sign)^T h16``: weight-sized work and two matrix-vector products, where the
     op-by-op graph of the paper's formula does its elementwise work on activations. The
-    elementwise work runs as multi-tensor (``torch._foreach_*``) ops over all layers, so a
-    model's 210 layers cost a few dozen dispatches per pass instead of thousands; a single
-    layer takes the same code with lists of one, so both give the same bits.
+    elementwise work runs as multi-tensor (``torch._foreach_*``) ops over all the layers given
+    (harness.quant.batched passes chunks of a model's layers), a few dozen dispatches per call
+    instead of about twenty per layer; a single layer takes the same code with lists of one,
+    so both give the same bits.
 
     ``out_dtype``: the outputs' dtype (the autocast dtype when the caller knows the weights
     will be cast to it anyway); incoming gradients of any dtype promote to ``dtype`` exactly.
