@@ -44,7 +44,8 @@ class _PerPassWeights:
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, self.layer_type)]
         self._handles = [model.register_forward_pre_hook(self._before),
-                         model.register_forward_hook(self._after, always_call=True)]
+                         model.register_forward_hook(self._after, always_call=True)
+                         ] if self.layers else []  # nothing to batch: leave the model alone
 
     def _before(self, module, args) -> None:
         raise NotImplementedError

@@ -165,9 +165,6 @@ def _batched_weights(model: nn.Module, device: torch.device) -> list:
     hooks = [BatchedOneBit(model)]
     if device.type == "cuda":
         hooks.append(BatchedFakeQuant(model))
-    for h in hooks:
-        if not h.layers:
-            h.remove()
     return [h for h in hooks if h.layers]
 
 
