@@ -11,6 +11,7 @@ import os
 import sys
 
 from harness.errors import HarnessError
+from harness.interrupts import installed
 from harness.store import DEFAULT_DB
 
 log = logging.getLogger("harness")
@@ -122,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     from harness import commands
 
     try:
-        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+        with installed():  # SIGTERM stops like Ctrl-C; training checkpoints first
+            return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"error: {exc or 'interrupted; rerun the same command to resume'}",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

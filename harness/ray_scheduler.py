@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness.config import RunSpec
 from harness.errors import HarnessError
-from harness.scheduler import Outcome, describe_error
+from harness.scheduler import Outcome, describe_error, interrupt_message
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +288,10 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
             first = (result["error"] or "").splitlines()[0] if result["error"] else ""
             _say(f"[{done_n}/{total}] {spec.run_key} {spec.method:12s} {result['status']} "
                  f"in {took} (elapsed {time.perf_counter() - t0:.0f} s){': ' + first if first else ''}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         for ref, (_spec, run_id) in refs.items():
             ray.cancel(ref, force=True)
-            store.end_run(run_id, "failed", "interrupted (KeyboardInterrupt); rerun to resume")
+            store.end_run(run_id, "failed", interrupt_message(exc))
         raise
     finally:
         if started:

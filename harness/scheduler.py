@@ -36,6 +36,11 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
+def interrupt_message(exc: KeyboardInterrupt) -> str:
+    """What a run stopped by a signal stores as its error (a plain Ctrl-C has no message)."""
+    return str(exc) or "interrupted (KeyboardInterrupt); rerun to resume"
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Fails before any run row is written when run folders cannot be created there.
 
@@ -65,8 +70,8 @@ def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
     try:
         metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress)
         return "finished", None, metrics
-    except KeyboardInterrupt:
-        store.end_run(run_id, "failed", "interrupted (KeyboardInterrupt); rerun to resume")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under harness.interrupts
+        store.end_run(run_id, "failed", interrupt_message(exc))
         raise
     except Exception as exc:  # one failed run never stops the others
         log.debug("run %s failed", spec.run_key, exc_info=True)

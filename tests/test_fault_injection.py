@@ -120,21 +120,23 @@ def _rerun_and_check(db: Path, argv: list[str]) -> dict:
                        run_id))
 
 
+def _logged_steps(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        return _query(db, "SELECT count(*) FROM train_steps")[0][0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
 def test_sigkill_during_training_resumes(setup):
     wrapper, db, argv = setup
     proc = _faulty(wrapper, argv, "slow-train")
     deadline = time.monotonic() + 240
     try:
-        while True:
+        while _logged_steps(db) < 3:
             assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "training never reached step 3"
-            if db.exists():
-                try:
-                    n = _query(db, "SELECT count(*) FROM train_steps")[0][0]
-                except sqlite3.OperationalError:  # tables not created yet
-                    n = 0
-                if n >= 3:
-                    break
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -146,6 +148,31 @@ def test_sigkill_during_training_resumes(setup):
     [state] = [json.loads(p.read_text()) for p in db.parent.glob("runs/*/checkpoint/state.json")]
     metrics = _rerun_and_check(db, argv)
     assert metrics["resumed_from_step"] == state["step"] >= 2
+
+
+def test_sigterm_during_training_checkpoints_the_step_and_exits_143(setup):
+    """What `timeout`, SLURM or a preemptible machine sends: no step is lost, the row says why."""
+    wrapper, db, argv = setup
+    argv = [*argv, "--set", "train.checkpoint_every=100"]  # only the stop itself checkpoints
+    proc = _faulty(wrapper, argv, "slow-train")
+    deadline = time.monotonic() + 240
+    try:
+        while _logged_steps(db) < 3:
+            assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "training never reached step 3"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after training step" in err and "Traceback" not in err
+    [(status, error)] = _query(db, "SELECT status, error FROM runs WHERE method = 'qat'")
+    [state] = [json.loads(p.read_text()) for p in db.parent.glob("runs/*/checkpoint/state.json")]
+    assert status == "failed" and f"after training step {state['step']} of {STEPS}" in error
+    assert state["step"] == _logged_steps(db) < STEPS  # the step in flight was finished and kept
+    metrics = _rerun_and_check(db, argv)
+    assert metrics["resumed_from_step"] == state["step"]
 
 
 def _self_killed(setup, point: str) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness import interrupts
 from harness.errors import HarnessError, TrainingDiverged
 from harness.train.config import TrainConfig
 from methods.base import Objective, ObjectiveInputs, RunContext
@@ -53,16 +54,18 @@ def lr_lambda(cfg: TrainConfig):
 
 
 class Checkpointer:
-    """Saves/loads trainable parameters + optimizer + scheduler + step in ``run_dir/checkpoint``."""
+    """Saves/loads trainable parameters + optimizer + scheduler + step in ``run_dir/checkpoint``,
+    and the seconds spent in training steps so far (``train_s``, summed over resumes)."""
 
     def __init__(self, run_dir: Path, spec_hash: str | None = None) -> None:
         self.dir = Path(run_dir) / "checkpoint"
         self.spec_hash = spec_hash  # written into state.json; a load for another spec fails
+        self.train_s = 0.0
 
     def exists(self) -> bool:
         return (self.dir / "state.json").exists()
 
-    def save(self, step: int, model, opt, sched) -> None:
+    def save(self, step: int, model, opt, sched, train_s: float = 0.0) -> None:
         from safetensors.torch import save_file
 
         tmp = self.dir.with_name("checkpoint.tmp")
@@ -71,7 +74,7 @@ class Checkpointer:
         save_file(params, str(tmp / "params.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                    tmp / "optim.pt")
-        state = {"step": step}
+        state = {"step": step, "train_s": train_s}
         if self.spec_hash:
             state["spec_hash"] = self.spec_hash
         (tmp / "state.json").write_text(json.dumps(state))
@@ -87,6 +90,7 @@ class Checkpointer:
         try:
             meta = json.loads((self.dir / "state.json").read_text())
             step = int(meta["step"])
+            train_s = float(meta.get("train_s", 0.0))  # absent before 2026-11-26
             written_for = meta.get("spec_hash")  # absent in checkpoints of older versions
             if self.spec_hash and written_for and written_for != self.spec_hash:
                 raise ValueError(f"written by run {written_for[:12]}, not this run "
@@ -101,6 +105,7 @@ class Checkpointer:
             state = torch.load(self.dir / "optim.pt", weights_only=True, map_location="cpu")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            self.train_s = train_s
         except Exception as exc:
             raise HarnessError(f"checkpoint {self.dir} is unreadable ({type(exc).__name__}: "
                                f"{str(exc)[:120]}); delete that folder to restart training") from None
@@ -207,43 +212,51 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     loss_value = float("nan")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
     batched = _batched_weights(model, device)
+    train_s = ckpt.train_s  # seconds in training steps before this invocation
     try:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                ids = _batch_at(data, step, micro, cfg).to(device)
-                with amp:
-                    logits, hidden = _forward(model, ids, objective.needs_hidden_states)
-                    t_logits = t_hidden = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
-                    loss = objective.loss(ObjectiveInputs(
-                        student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
-                        student_hidden=hidden, teacher_hidden=t_hidden))
-                value = loss.item()  # the step's one host sync
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"loss is {value} at step {step + 1}; lower the learning rate "
-                        f"(train.lr={cfg.lr}) or check the data, then rerun")
-                (loss / cfg.grad_accum).backward()
-                total += value / cfg.grad_accum
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            loss_value = total
-            tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                ctx.recorder.train_step(step + 1, loss_value, lr, tps)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                ckpt.save(step + 1, model, opt, sched)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
-                bar.update(1)
+        with interrupts.deferred() as stop_requested:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for micro in range(cfg.grad_accum):
+                    ids = _batch_at(data, step, micro, cfg).to(device)
+                    with amp:
+                        logits, hidden = _forward(model, ids, objective.needs_hidden_states)
+                        t_logits = t_hidden = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                t_logits, t_hidden = _forward(teacher, ids,
+                                                              objective.needs_hidden_states)
+                        loss = objective.loss(ObjectiveInputs(
+                            student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+                            student_hidden=hidden, teacher_hidden=t_hidden))
+                    value = loss.item()  # the step's one host sync
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"loss is {value} at step {step + 1}; lower the learning rate "
+                            f"(train.lr={cfg.lr}) or check the data, then rerun")
+                    (loss / cfg.grad_accum).backward()
+                    total += value / cfg.grad_accum
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                loss_value = total
+                seconds = time.perf_counter() - t0
+                train_s += seconds
+                tps = tokens_per_step / max(seconds, 1e-9)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    ctx.recorder.train_step(step + 1, loss_value, lr, tps)
+                stop = stop_requested()
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+                    ckpt.save(step + 1, model, opt, sched, train_s)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+                    bar.update(1)
+                if stop:  # also after the last step: the command was asked to stop
+                    raise interrupts.stopped(stop, step + 1, cfg.steps)
     finally:
         for hooks in batched:
             hooks.remove()
@@ -252,4 +265,5 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     model.eval()
     if start < cfg.steps:  # a run resumed after its last step trained nothing new
         ctx.recorder.metric("final_train_loss", loss_value)
+        ctx.recorder.metric("train_steps_s_total", train_s)
     return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start}

@@ -68,6 +68,47 @@ def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
     assert third.status == "skipped"
 
 
+def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_equals_an_unbroken_one(
+        store, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import harness.train.trainer as trainer
+    from harness import interrupts
+    from harness.store import Store
+
+    real = trainer._batch_at
+
+    def sigterm_during_step_3(data, step, micro, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(data, step, micro, cfg)
+
+    spec = _spec("qat", train={**TRAIN, "checkpoint_every": 100})  # no periodic checkpoint
+    monkeypatch.setattr(trainer, "_batch_at", sigterm_during_step_3)
+    with pytest.raises(interrupts.Interrupted) as info, interrupts.installed():
+        execute([spec], store, tmp_path / "a")
+    assert "stopped by SIGTERM after training step 3 of 6" in str(info.value)
+    [run] = store.runs()
+    assert run.status == "failed" and "after training step 3 of 6" in run.error
+    state = json.loads((tmp_path / "a" / spec.run_key / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["train_s"] > 0  # the step in flight was kept
+    monkeypatch.setattr(trainer, "_batch_at", real)
+    [resumed] = execute([spec], store, tmp_path / "a")
+    assert resumed.status == "finished" and resumed.run_id == run.id
+    m = store.metric_dict(resumed.run_id)
+    assert m["resumed_from_step"] == 3
+    assert [s.step for s in store.train_steps(run.id)] == [1, 2, 3, 4, 5, 6]
+    assert m["train_steps_s_total"] > state["train_s"]  # seconds of both invocations
+
+    other = Store(f"sqlite:///{tmp_path / 'unbroken.db'}")
+    [unbroken] = execute([spec], other, tmp_path / "b")
+    u = other.metric_dict(unbroken.run_id)
+    assert m["ppl"] == u["ppl"] and m["final_train_loss"] == u["final_train_loss"]
+    assert [s.loss for s in store.train_steps(run.id)] == \
+        [s.loss for s in other.train_steps(unbroken.run_id)]
+
+
 def test_nan_loss_fails_the_run_with_a_clear_message(store, tmp_path, nan_loss):
     [out] = execute([_spec("qat")], store, tmp_path)
     assert out.status == "failed"

@@ -1,0 +1,88 @@
+"""Stopping a run on SIGTERM or Ctrl-C without losing the training done since the last checkpoint.
+
+Batch systems and time-limited machines (``timeout``, SLURM, preemptible clouds) end a job with
+SIGTERM, which by default kills Python on the spot: the run's row stays ``running`` and the
+steps after the last periodic checkpoint are lost. While :func:`install`'s handlers are in place
+(the CLI installs them for its command) SIGTERM is raised like Ctrl-C, as :class:`Interrupted`,
+so the run is marked failed and the command exits 128 + signal number. Inside
+:func:`deferred` (the training loop) the first signal only asks to stop: the loop finishes its
+step, checkpoints and raises; a second signal stops at once. Elsewhere (a Ray worker, a library
+caller) nothing is installed and signals keep their usual meaning.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal. A KeyboardInterrupt, so every ``except Exception`` lets it
+    through and the schedulers mark the run failed and stop, as for Ctrl-C."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_state: dict = {"installed": False, "deferring": False, "pending": None}
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _handler(signum, _frame) -> None:
+    if _state["deferring"] and _state["pending"] is None:
+        _state["pending"] = signum
+        log.warning("%s: finishing this training step and checkpointing, then stopping "
+                    "(send it again to stop at once)", _name(signum))
+        return
+    raise Interrupted(f"interrupted by {_name(signum)}; rerun the same command to resume",
+                      128 + signum)
+
+
+@contextmanager
+def installed() -> Iterator[None]:
+    """Our handlers for SIGINT and SIGTERM while the block runs (main thread only; elsewhere
+    a no-op, as Python allows signal handlers only there), the previous ones afterwards."""
+    if threading.current_thread() is not threading.main_thread() or _state["installed"]:
+        yield
+        return
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    _state.update(installed=True, pending=None)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _state.update(installed=False, deferring=False, pending=None)
+
+
+@contextmanager
+def deferred() -> Iterator[Callable[[], int | None]]:
+    """Yields ``requested()``: the signal number asked to stop since the block began, or None.
+
+    Signals only defer where :func:`installed` is active; elsewhere ``requested()`` stays None.
+    """
+    if not _state["installed"]:
+        yield lambda: None
+        return
+    _state.update(deferring=True, pending=None)
+    try:
+        yield lambda: _state["pending"]
+    finally:
+        _state.update(deferring=False, pending=None)
+
+
+def stopped(signum: int, step: int, steps: int) -> Interrupted:
+    """The error a deferred stop raises once its checkpoint is written."""
+    return Interrupted(f"stopped by {_name(signum)} after training step {step} of {steps} "
+                       f"(checkpoint saved); rerun the same command to resume", 128 + signum)
