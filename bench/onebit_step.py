@@ -2,14 +2,16 @@
 op by op) vs the folded layer (``x @ ((h g^T) * sign(W))^T``, one autograd node for the
 weight) vs the folded layer batched (every layer's weight in one node, harness.quant.batched,
 what the trainer uses), inside the trainer's step: teacher forward, student forward, KD + hidden-state loss,
-backward, AdamW.
+backward, AdamW. Opt-in ``compiled``: batched with both decoder stacks ``torch.compile``'d, as
+the trainer does under HARNESS_COMPILE=1 (the first step's compile time is printed apart).
 
     python bench/onebit_step.py                                 # SmolLM2, 8x1024 (GPU sizes)
     python bench/onebit_step.py --batch 4 --seq 256 --steps 2   # CPU-sized
     python bench/onebit_step.py --shape-only --profile          # random weights, + profiles
     python bench/onebit_step.py --shape-only --batch 1 --seq 16 --steps 1 --count-ops
+    python bench/onebit_step.py --shape-only --variants batched,compiled   # is compiling worth it
 
-Both variants run in the same process on the same input and weights, alternating for
+The variants run in the same process on the same input and weights, alternating for
 ``--rounds`` rounds; the fastest round of each counts (see train_step.interleaved).
 """
 
@@ -110,7 +112,13 @@ def main() -> None:
     ap = step_bench_args()
     ap.add_argument("--count-ops", action="store_true",
                     help="also count the ATen ops one forward + backward dispatches per variant")
+    ap.add_argument("--variants", default="paper,folded,batched",
+                    help="comma list of paper, folded, batched, compiled")
     args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"paper", "folded", "batched", "compiled"}
+    if unknown or not variants:
+        ap.error(f"unknown variants {sorted(unknown)}; use paper, folded, batched, compiled")
     device = torch.device(args.device)
     teacher = bench_model(args, device)
     teacher.eval().requires_grad_(False)
@@ -127,30 +135,44 @@ def main() -> None:
           f"{args.rounds} rounds")
     layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
     peaks, ops = {}, {}
+    stacks = [student.get_decoder(), teacher.get_decoder()]
+    compiled: list = []  # the stacks' compiled call, made once and switched in for "compiled"
 
     def measure(variant: str, last: bool) -> float:
         for m in layers:  # instance attribute: the class's forward stays the folded one
             m.forward = m.reference_forward if variant == "paper" else OneBitLinear.forward.__get__(m)
-        hooks = BatchedOneBit(student) if variant == "batched" else None
+        hooks = BatchedOneBit(student) if variant in ("batched", "compiled") else None
+        if variant == "compiled":
+            if not compiled:
+                for stack in stacks:
+                    stack.compile(dynamic=False)
+                compiled.extend(stack._compiled_call_impl for stack in stacks)
+                t0 = time.perf_counter()
+                forward_backward(student, teacher, ids, device)
+                student.zero_grad(set_to_none=True)
+                print(f"  compiled: first step (compiling) {time.perf_counter() - t0:.1f} s")
+            for stack, call in zip(stacks, compiled, strict=True):
+                stack._compiled_call_impl = call
         try:
-            if args.count_ops and last:
-                ops[variant] = count_ops(student, teacher, ids, device)
+            if args.count_ops and last and variant != "compiled":  # (a dispatch mode
+                ops[variant] = count_ops(student, teacher, ids, device)  # turns compile off)
             mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
                                              args.profile and last)
         finally:
             if hooks is not None:
                 hooks.remove()
+            for stack in stacks:
+                stack._compiled_call_impl = None
         return mean
 
-    variants = ["paper", "folded", "batched"]
     best = interleaved(measure, variants, args.rounds)
     if device.type == "cuda":
         print("  peak GPU memory: " + ", ".join(f"{v} {peaks[v]:.0f} MB" for v in variants))
     if ops:
         print("  ATen ops per forward + backward (views aside): "
-              + ", ".join(f"{v} {ops[v]:,}" for v in variants))
+              + ", ".join(f"{v} {ops[v]:,}" for v in variants if v in ops))
     for v in variants[1:]:
-        print(f"  {v} / paper: {best[v] / best['paper']:.2f}x")
+        print(f"  {v} / {variants[0]}: {best[v] / best[variants[0]]:.2f}x")
 
 if __name__ == "__main__":
     main()

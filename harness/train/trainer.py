@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -173,6 +173,33 @@ def _batched_weights(model: nn.Module, device: torch.device) -> list:
     return [h for h in hooks if h.layers]
 
 
+_COMPILED: list[nn.Module] = []  # stacks compiled right now (tests look)
+
+
+@contextmanager
+def _compiled_decoders(*models: nn.Module | None):
+    """With HARNESS_COMPILE=1, ``torch.compile`` each model's decoder stack for the training
+    loop only (eval and export see the plain modules again). A speed switch for GPUs, where a
+    small model's step is bound by the host dispatching thousands of small kernels (on the H200
+    SmolLM2's plain step ran 58 ms of kernels in 107 ms); compiling costs a minute or more up
+    front, so it pays only for long runs. The decoder stack rather than the whole model: the
+    batching hooks sit on the outer model and stay eager. Values agree with eager to rounding.
+    """
+    stacks = _COMPILED
+    if os.environ.get("HARNESS_COMPILE", "0") == "1":
+        for m in models:
+            stack = m.get_decoder() if m is not None and hasattr(m, "get_decoder") else None
+            if isinstance(stack, nn.Module) and stack is not m:
+                stack.compile(dynamic=False)
+                stacks.append(stack)
+    try:
+        yield
+    finally:
+        for stack in stacks:
+            stack._compiled_call_impl = None  # what nn.Module.compile() set
+        stacks.clear()
+
+
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
           progress: bool = True) -> dict:
     """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
@@ -214,7 +241,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     batched = _batched_weights(model, device)
     train_s = ckpt.train_s  # seconds in training steps before this invocation
     try:
-        with interrupts.deferred() as stop_requested:
+        with interrupts.deferred() as stop_requested, _compiled_decoders(model, teacher):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
