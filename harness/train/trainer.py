@@ -174,23 +174,44 @@ def _batched_weights(model: nn.Module, device: torch.device) -> list:
 
 
 _COMPILED: list[nn.Module] = []  # stacks compiled right now (tests look)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options() -> dict | None:
+    """``torch.compile`` keywords from HARNESS_COMPILE: unset or 0 -> None (eager), 1 -> the
+    default mode, or a mode's name (``reduce-overhead`` adds CUDA graphs on GPUs).
+
+    Raises:
+        HarnessError: any other value.
+    """
+    value = os.environ.get("HARNESS_COMPILE", "0").strip()
+    if value in ("", "0"):
+        return None
+    if value == "1":
+        return {}
+    if value in COMPILE_MODES:
+        return {"mode": value}
+    raise HarnessError(f"HARNESS_COMPILE={value!r} is not 0, 1 or a torch.compile mode "
+                       f"({', '.join(COMPILE_MODES)}); set one of those or unset it")
 
 
 @contextmanager
 def _compiled_decoders(*models: nn.Module | None):
-    """With HARNESS_COMPILE=1, ``torch.compile`` each model's decoder stack for the training
-    loop only (eval and export see the plain modules again). A speed switch for GPUs, where a
-    small model's step is bound by the host dispatching thousands of small kernels (on the H200
-    SmolLM2's plain step ran 58 ms of kernels in 107 ms); compiling costs a minute or more up
-    front, so it pays only for long runs. The decoder stack rather than the whole model: the
-    batching hooks sit on the outer model and stay eager. Values agree with eager to rounding.
+    """With HARNESS_COMPILE set (:func:`compile_options`), ``torch.compile`` each model's decoder
+    stack for the training loop only (eval and export see the plain modules again). A speed
+    switch for GPUs, where a small model's step is bound by the host dispatching thousands of
+    small kernels (on the H200 SmolLM2's plain step ran 58 ms of kernels in 107 ms); compiling
+    costs a minute or more up front, so it pays only for long runs. The decoder stack rather
+    than the whole model: the batching hooks sit on the outer model and stay eager. Values
+    agree with eager to rounding.
     """
     stacks = _COMPILED
-    if os.environ.get("HARNESS_COMPILE", "0") == "1":
+    options = compile_options()
+    if options is not None:
         for m in models:
             stack = m.get_decoder() if m is not None and hasattr(m, "get_decoder") else None
             if isinstance(stack, nn.Module) and stack is not m:
-                stack.compile(dynamic=False)
+                stack.compile(dynamic=False, **options)
                 stacks.append(stack)
     try:
         yield
@@ -211,6 +232,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         TrainingDiverged: the loss became NaN/inf (the run is marked failed).
     """
     device = ctx.device
+    compile_options()  # a bad HARNESS_COMPILE fails the run before any work
     freeze_embeddings(model)
     params = [p for _, p in trainable_parameters(model)]
     if not params:

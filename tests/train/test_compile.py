@@ -40,3 +40,22 @@ def test_compiled_training_equals_eager_and_leaves_plain_modules(tmp_path, monke
     assert compiled_during_training == [False] * 3 + [True] * 3
     assert not trainer._COMPILED  # eval and export ran on the plain modules
     assert losses["1"] == pytest.approx(losses["0"], rel=1e-5)
+
+
+@pytest.mark.parametrize("value, options", [("", None), ("0", None), ("1", {}),
+                                            ("reduce-overhead", {"mode": "reduce-overhead"})])
+def test_compile_switch_values(monkeypatch, value, options):
+    from harness.train.trainer import compile_options
+
+    monkeypatch.setenv("HARNESS_COMPILE", value)
+    assert compile_options() == options
+
+
+def test_unknown_compile_mode_fails_the_run_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_COMPILE", "fast")
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    [out] = execute([_spec("onebit", train={**TRAIN, "steps": 2})], store, tmp_path,
+                    progress=False)
+    assert out.status == "failed"
+    assert out.error.startswith("HARNESS_COMPILE='fast' is not 0, 1 or a torch.compile mode")
+    assert store.train_steps(out.run_id) == []
