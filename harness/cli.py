@@ -11,7 +11,7 @@ import os
 import sys
 
 from harness.errors import HarnessError
-from harness.interrupts import installed
+from harness.interrupts import explain, installed
 from harness.store import DEFAULT_DB
 
 log = logging.getLogger("harness")
@@ -122,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from harness import commands
 
-    try:
-        with installed():  # SIGTERM stops like Ctrl-C; training checkpoints first
+    with installed():  # SIGTERM stops like Ctrl-C; training checkpoints first
+        try:
             return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        print(f"error: {exc or 'interrupted; rerun the same command to resume'}",
-              file=sys.stderr)
-        return getattr(exc, "exit_code", 130)
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            stop = explain(exc)
+            print(f"error: {stop}", file=sys.stderr)
+            return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Batch systems and time-limited machines (``timeout``, SLURM, preemptible clouds)
 SIGTERM, which by default kills Python on the spot: the run's row stays ``running`` and the
 steps after the last periodic checkpoint are lost. While :func:`install`'s handlers are in place
 (the CLI installs them for its command) SIGTERM is raised like Ctrl-C, as :class:`Interrupted`,
-so the run is marked failed and the command exits 128 + signal number. Inside
+so the run is marked failed and the command exits 128 + signal number (with Ray, the driver's
+runs in flight are cancelled and marked failed; they resume from their last periodic checkpoint). Inside
 :func:`deferred` (the training loop) the first signal only asks to stop: the loop finishes its
 step, checkpoints and raises; a second signal stops at once. Elsewhere (a Ray worker, a library
 caller) nothing is installed and signals keep their usual meaning.
@@ -32,7 +33,7 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
-_state: dict = {"installed": False, "deferring": False, "pending": None}
+_state: dict = {"installed": False, "deferring": False, "pending": None, "raised": None}
 
 
 def _name(signum: int) -> str:
@@ -45,8 +46,9 @@ def _handler(signum, _frame) -> None:
         log.warning("%s: finishing this training step and checkpointing, then stopping "
                     "(send it again to stop at once)", _name(signum))
         return
-    raise Interrupted(f"interrupted by {_name(signum)}; rerun the same command to resume",
-                      128 + signum)
+    _state["raised"] = Interrupted(f"interrupted by {_name(signum)}; rerun the same command "
+                                   f"to resume", 128 + signum)
+    raise _state["raised"]
 
 
 @contextmanager
@@ -57,13 +59,21 @@ def installed() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _state.update(installed=True, pending=None)
+    _state.update(installed=True, pending=None, raised=None)
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _state.update(installed=False, deferring=False, pending=None)
+        _state.update(installed=False, deferring=False, pending=None, raised=None)
+
+
+def reinstall() -> None:
+    """Puts our handlers back where :func:`installed` is active and a library (Ray's
+    ``ray.init``) replaced them; elsewhere does nothing."""
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handler)
 
 
 @contextmanager
@@ -84,5 +94,18 @@ def deferred() -> Iterator[Callable[[], int | None]]:
 
 def stopped(signum: int, step: int, steps: int) -> Interrupted:
     """The error a deferred stop raises once its checkpoint is written."""
-    return Interrupted(f"stopped by {_name(signum)} after training step {step} of {steps} "
-                       f"(checkpoint saved); rerun the same command to resume", 128 + signum)
+    _state["raised"] = Interrupted(f"stopped by {_name(signum)} after training step {step} of "
+                                   f"{steps} (checkpoint saved); rerun the same command to "
+                                   f"resume", 128 + signum)
+    return _state["raised"]
+
+
+def explain(exc: KeyboardInterrupt) -> Interrupted:
+    """``exc`` as an :class:`Interrupted` with its message and exit code. Some libraries catch
+    the exception a signal raised and raise a bare KeyboardInterrupt instead (Ray's ``wait``
+    does): then the last one this module raised stands for it, else a plain Ctrl-C."""
+    if isinstance(exc, Interrupted):
+        return exc
+    if _state["raised"] is not None:
+        return _state["raised"]
+    return Interrupted("interrupted (KeyboardInterrupt); rerun the same command to resume", 130)

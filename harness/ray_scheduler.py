@@ -151,6 +151,9 @@ def _init_ray(ray_address: str | None) -> bool:
     else:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+    from harness.interrupts import reinstall
+
+    reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
     return True
 
 

@@ -37,8 +37,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 def interrupt_message(exc: KeyboardInterrupt) -> str:
-    """What a run stopped by a signal stores as its error (a plain Ctrl-C has no message)."""
-    return str(exc) or "interrupted (KeyboardInterrupt); rerun to resume"
+    """What a run stopped by a signal stores as its error."""
+    from harness.interrupts import explain
+
+    return str(explain(exc))
 
 
 def check_output_dir(output_dir: Path) -> None:

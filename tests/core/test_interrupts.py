@@ -46,3 +46,29 @@ def test_stopped_names_signal_step_and_how_to_resume():
     assert str(exc) == ("stopped by SIGTERM after training step 3 of 6 (checkpoint saved); "
                         "rerun the same command to resume")
     assert exc.exit_code == 143
+
+
+def test_reinstall_takes_the_signals_back_only_while_installed():
+    def other(*_):
+        raise AssertionError("the library's handler ran")
+
+    with interrupts.installed():
+        signal.signal(signal.SIGTERM, other)  # what ray.init does
+        interrupts.reinstall()
+        with pytest.raises(interrupts.Interrupted):
+            _kill()
+    before = signal.getsignal(signal.SIGTERM)
+    interrupts.reinstall()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_bare_keyboardinterrupt_after_our_signal_is_explained_by_it():
+    with interrupts.installed():
+        try:
+            _kill()
+        except interrupts.Interrupted:
+            bare = KeyboardInterrupt()  # what Ray's wait raises after catching ours
+        stop = interrupts.explain(bare)
+        assert "SIGTERM" in str(stop) and stop.exit_code == 143
+    plain = interrupts.explain(KeyboardInterrupt())
+    assert plain.exit_code == 130 and "rerun" in str(plain)

@@ -145,3 +145,31 @@ def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path):
     assert steps == list(range(1, 31))  # nothing lost, nothing duplicated
     names = [m.name for m in store.metrics(run.id)]
     assert len(names) == len(set(names))
+
+
+def test_sigterm_to_the_driver_marks_runs_in_flight_failed_and_exits_143(tmp_path):
+    """ray.init replaces the driver's SIGTERM handler with sys.exit; ours is put back."""
+    from harness.store import Store
+
+    exp_file = tmp_path / "sig.yaml"
+    exp_file.write_text(KILL.replace("steps: 30,", "steps: 3000,"))
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    out = tmp_path / "runs"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([*HARNESS, "run", str(exp_file), "--no-fp", "--db", db,
+                             "--output-dir", str(out)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 400
+        while not list(out.glob("*/checkpoint")) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "error: interrupted by SIGTERM; rerun the same command to resume" in stderr
+    runs = {r.method: r for r in Store(db, readonly=True).runs()}
+    assert runs["qat"].status == "failed" and "interrupted by SIGTERM" in runs["qat"].error
