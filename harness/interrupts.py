@@ -2,13 +2,13 @@
 
 Batch systems and time-limited machines (``timeout``, SLURM, preemptible clouds) end a job with
 SIGTERM, which by default kills Python on the spot: the run's row stays ``running`` and the
-steps after the last periodic checkpoint are lost. While :func:`install`'s handlers are in place
-(the CLI installs them for its command) SIGTERM is raised like Ctrl-C, as :class:`Interrupted`,
-so the run is marked failed and the command exits 128 + signal number (with Ray, the driver's
-runs in flight are cancelled and marked failed; they resume from their last periodic checkpoint). Inside
-:func:`deferred` (the training loop) the first signal only asks to stop: the loop finishes its
-step, checkpoints and raises; a second signal stops at once. Elsewhere (a Ray worker, a library
-caller) nothing is installed and signals keep their usual meaning.
+steps after the last periodic checkpoint are lost. While :func:`installed` is active (the CLI
+wraps its command in it) SIGTERM is raised like Ctrl-C, as :class:`Interrupted`, so the run is
+marked failed and the command exits 128 + signal number. Inside :func:`deferred` (the training
+loop) the first signal only asks to stop: the loop finishes its step, checkpoints and raises; a
+second signal stops at once. Under Ray the driver takes the signal and cancels the runs in
+flight, which later resume from their last periodic checkpoint. Elsewhere (a Ray worker, a
+library caller) nothing is installed and signals keep their usual meaning.
 """
 
 from __future__ import annotations

@@ -221,6 +221,39 @@ def _compiled_decoders(*models: nn.Module | None):
         stacks.clear()
 
 
+def _optimizer_step(model, teacher, objective: Objective, opt, params, data, step: int,
+                    cfg: TrainConfig, device, amp) -> float:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches; returns the step's mean loss.
+
+    Raises:
+        TrainingDiverged: a micro-batch's loss is NaN or infinite.
+    """
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        ids = _batch_at(data, step, micro, cfg).to(device)
+        with amp:
+            logits, hidden = _forward(model, ids, objective.needs_hidden_states)
+            t_logits = t_hidden = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
+            loss = objective.loss(ObjectiveInputs(
+                student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+                student_hidden=hidden, teacher_hidden=t_hidden))
+        value = loss.item()  # the step's one host sync
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss is {value} at step {step + 1}; lower the learning rate "
+                f"(train.lr={cfg.lr}) or check the data, then rerun")
+        (loss / cfg.grad_accum).backward()
+        total += value / cfg.grad_accum
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return total
+
+
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
           progress: bool = True) -> dict:
     """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
@@ -266,33 +299,10 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         with interrupts.deferred() as stop_requested, _compiled_decoders(model, teacher):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    ids = _batch_at(data, step, micro, cfg).to(device)
-                    with amp:
-                        logits, hidden = _forward(model, ids, objective.needs_hidden_states)
-                        t_logits = t_hidden = None
-                        if teacher is not None:
-                            with torch.no_grad():
-                                t_logits, t_hidden = _forward(teacher, ids,
-                                                              objective.needs_hidden_states)
-                        loss = objective.loss(ObjectiveInputs(
-                            student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
-                            student_hidden=hidden, teacher_hidden=t_hidden))
-                    value = loss.item()  # the step's one host sync
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(
-                            f"loss is {value} at step {step + 1}; lower the learning rate "
-                            f"(train.lr={cfg.lr}) or check the data, then rerun")
-                    (loss / cfg.grad_accum).backward()
-                    total += value / cfg.grad_accum
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 lr = opt.param_groups[0]["lr"]
-                opt.step()
+                loss_value = _optimizer_step(model, teacher, objective, opt, params, data,
+                                             step, cfg, device, amp)
                 sched.step()
-                loss_value = total
                 seconds = time.perf_counter() - t0
                 train_s += seconds
                 tps = tokens_per_step / max(seconds, 1e-9)
