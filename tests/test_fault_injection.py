@@ -129,20 +129,26 @@ def _logged_steps(db: Path) -> int:
         return 0
 
 
-def test_sigkill_during_training_resumes(setup):
-    wrapper, db, argv = setup
+def _signal_at_step_3(wrapper: Path, argv: list[str], db: Path, sig: int) -> tuple[int, str]:
+    """Runs the slowed command, sends ``sig`` once 3 steps are logged; (exit code, stderr)."""
     proc = _faulty(wrapper, argv, "slow-train")
     deadline = time.monotonic() + 240
     try:
         while _logged_steps(db) < 3:
-            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-2000:]}"
+            assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "training never reached step 3"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, err
+
+
+def test_sigkill_during_training_resumes(setup):
+    wrapper, db, argv = setup
+    code, _ = _signal_at_step_3(wrapper, argv, db, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     _, status, attempts = _qat_row(db)
     assert (status, attempts) == ("running", 1)  # what a SIGKILL leaves behind
     [state] = [json.loads(p.read_text()) for p in db.parent.glob("runs/*/checkpoint/state.json")]
@@ -154,18 +160,8 @@ def test_sigterm_during_training_checkpoints_the_step_and_exits_143(setup):
     """What `timeout`, SLURM or a preemptible machine sends: no step is lost, the row says why."""
     wrapper, db, argv = setup
     argv = [*argv, "--set", "train.checkpoint_every=100"]  # only the stop itself checkpoints
-    proc = _faulty(wrapper, argv, "slow-train")
-    deadline = time.monotonic() + 240
-    try:
-        while _logged_steps(db) < 3:
-            assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "training never reached step 3"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    code, err = _signal_at_step_3(wrapper, argv, db, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM after training step" in err and "Traceback" not in err
     [(status, error)] = _query(db, "SELECT status, error FROM runs WHERE method = 'qat'")
     [state] = [json.loads(p.read_text()) for p in db.parent.glob("runs/*/checkpoint/state.json")]
