@@ -18,6 +18,7 @@ The variants run in the same process on the same input and weights, alternating 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from contextlib import nullcontext
 
@@ -29,6 +30,7 @@ from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.losses import onebit_loss
+from harness.train.trainer import _compiled_decoders
 
 
 def _peak_reset(device) -> None:
@@ -137,35 +139,32 @@ def main() -> None:
           f"{args.rounds} rounds")
     layers = [m for m in student.modules() if isinstance(m, OneBitLinear)]
     peaks, ops = {}, {}
-    stacks = [student.get_decoder(), teacher.get_decoder()]
-    compiled: list = []  # the stacks' compiled call, made once and switched in for "compiled"
+    # the trainer's own switch: HARNESS_COMPILE names the mode _compiled_decoders compiles with
+    os.environ["HARNESS_COMPILE"] = "1" if args.compile_mode == "default" else args.compile_mode
+    timed_compile: list[float] = []  # the compiled variant's first step, which compiles
 
     def measure(variant: str, last: bool) -> float:
         for m in layers:  # instance attribute: the class's forward stays the folded one
             m.forward = m.reference_forward if variant == "paper" else OneBitLinear.forward.__get__(m)
         hooks = BatchedOneBit(student) if variant in ("batched", "compiled") else None
-        if variant == "compiled":
-            if not compiled:
-                for stack in stacks:
-                    stack.compile(dynamic=False, mode=args.compile_mode)
-                compiled.extend(stack._compiled_call_impl for stack in stacks)
-                t0 = time.perf_counter()
-                forward_backward(student, teacher, ids, device)
-                student.zero_grad(set_to_none=True)
-                print(f"  compiled ({args.compile_mode}): first step (compiling) "
-                      f"{time.perf_counter() - t0:.1f} s")
-            for stack, call in zip(stacks, compiled, strict=True):
-                stack._compiled_call_impl = call
+        compiling = (_compiled_decoders(student, teacher) if variant == "compiled"
+                     else nullcontext())
         try:
-            if args.count_ops and last and variant != "compiled":  # (a dispatch mode
-                ops[variant] = count_ops(student, teacher, ids, device)  # turns compile off)
-            mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
-                                             args.profile and last)
+            with compiling:
+                if variant == "compiled" and not timed_compile:
+                    t0 = time.perf_counter()
+                    forward_backward(student, teacher, ids, device)
+                    student.zero_grad(set_to_none=True)
+                    timed_compile.append(time.perf_counter() - t0)
+                    print(f"  compiled ({args.compile_mode}): first step (compiling) "
+                          f"{timed_compile[0]:.1f} s")
+                if args.count_ops and last and variant != "compiled":  # (a dispatch mode
+                    ops[variant] = count_ops(student, teacher, ids, device)  # turns compile off)
+                mean, peaks[variant] = step_time(student, teacher, ids, args.steps, device,
+                                                 args.profile and last)
         finally:
             if hooks is not None:
                 hooks.remove()
-            for stack in stacks:
-                stack._compiled_call_impl = None
         return mean
 
     best = interleaved(measure, variants, args.rounds)
