@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,10 +74,17 @@ def launch(db_url: str, port: int = 8501) -> int:
     proc = subprocess.Popen(command(db_url, port))
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # Ctrl+C reaches Streamlit too; let it shut down cleanly
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
+    except KeyboardInterrupt as exc:
+        from harness.interrupts import explain
+
+        # Ctrl+C reaches Streamlit too (same process group): let it shut down cleanly. A
+        # SIGTERM (harness.interrupts raises it here) was sent to us alone: pass it on.
+        if explain(exc).exit_code != 128 + signal.SIGTERM:
+            try:
+                proc.wait(timeout=10)
+                return 0
+            except subprocess.TimeoutExpired:
+                pass
+        proc.terminate()
+        proc.wait()
         return 0

@@ -60,3 +60,27 @@ def test_db_url_from_argv(monkeypatch):
     from harness.store import DEFAULT_DB
 
     assert launch.db_url_from_argv([]) == DEFAULT_DB
+
+
+def test_sigterm_stops_streamlit_at_once(monkeypatch, fake_db):
+    """SIGTERM reaches only `harness dashboard`, not its Streamlit child: it is passed on."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from harness.interrupts import installed
+
+    child, real_popen = {}, subprocess.Popen
+
+    def sleeper(_cmd):  # stands in for Streamlit: a child that would run for a minute
+        child["proc"] = real_popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return child["proc"]
+
+    monkeypatch.setattr(subprocess, "Popen", sleeper)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.monotonic()
+    with installed():
+        assert launch.launch(fake_db[0], 8555) == 0
+    assert time.monotonic() - start < 8  # not the 10 s grace a Ctrl+C gets
+    assert child["proc"].returncode == -signal.SIGTERM
