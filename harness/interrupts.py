@@ -40,15 +40,19 @@ def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def _recorded(message: str, signum: int) -> Interrupted:
+    """The stop for ``signum``, remembered for :func:`explain`."""
+    _state["raised"] = Interrupted(message, 128 + signum)
+    return _state["raised"]
+
+
 def _handler(signum, _frame) -> None:
     if _state["deferring"] and _state["pending"] is None:
         _state["pending"] = signum
         log.warning("%s: finishing this training step and checkpointing, then stopping "
                     "(send it again to stop at once)", _name(signum))
         return
-    _state["raised"] = Interrupted(f"interrupted by {_name(signum)}; rerun the same command "
-                                   f"to resume", 128 + signum)
-    raise _state["raised"]
+    raise _recorded(f"interrupted by {_name(signum)}; rerun the same command to resume", signum)
 
 
 @contextmanager
@@ -94,10 +98,8 @@ def deferred() -> Iterator[Callable[[], int | None]]:
 
 def stopped(signum: int, step: int, steps: int) -> Interrupted:
     """The error a deferred stop raises once its checkpoint is written."""
-    _state["raised"] = Interrupted(f"stopped by {_name(signum)} after training step {step} of "
-                                   f"{steps} (checkpoint saved); rerun the same command to "
-                                   f"resume", 128 + signum)
-    return _state["raised"]
+    return _recorded(f"stopped by {_name(signum)} after training step {step} of {steps} "
+                     f"(checkpoint saved); rerun the same command to resume", signum)
 
 
 def explain(exc: KeyboardInterrupt) -> Interrupted:

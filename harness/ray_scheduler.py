@@ -27,7 +27,8 @@ from pathlib import Path
 
 from harness.config import RunSpec
 from harness.errors import HarnessError
-from harness.scheduler import Outcome, describe_error, interrupt_message
+from harness.interrupts import explain, reinstall
+from harness.scheduler import Outcome, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ def _init_ray(ray_address: str | None) -> bool:
     else:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
-    from harness.interrupts import reinstall
-
     reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
     return True
 
@@ -294,7 +293,7 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
     except KeyboardInterrupt as exc:
         for ref, (_spec, run_id) in refs.items():
             ray.cancel(ref, force=True)
-            store.end_run(run_id, "failed", interrupt_message(exc))
+            store.end_run(run_id, "failed", str(explain(exc)))
         raise
     finally:
         if started:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness.config import RunSpec
 from harness.errors import HarnessError
+from harness.interrupts import explain
 from harness.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,6 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, HarnessError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-
-
-def interrupt_message(exc: KeyboardInterrupt) -> str:
-    """What a run stopped by a signal stores as its error."""
-    from harness.interrupts import explain
-
-    return str(explain(exc))
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -73,7 +67,7 @@ def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
         metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress)
         return "finished", None, metrics
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under harness.interrupts
-        store.end_run(run_id, "failed", interrupt_message(exc))
+        store.end_run(run_id, "failed", str(explain(exc)))
         raise
     except Exception as exc:  # one failed run never stops the others
         log.debug("run %s failed", spec.run_key, exc_info=True)
