@@ -24,8 +24,20 @@ FORMATS = [("int2 g64", "int", 2, 64), ("int2 g128", "int", 2, 128),
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 
+_REGS = re.compile(r"REG:(\d+) .*LOCAL:(\d+)")
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32  # sm_80 / sm_90
+
+
+def resident_warps(regs: int, warps: int) -> int:
+    """Warps an SM holds at once, as registers allow (allocated per warp in units of 256)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    blocks = min(MAX_BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * warps))
+    return min(MAX_WARPS_PER_SM // warps, blocks) * warps
+
+
 def sass_ops(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int,
              fusion: bool = False):
+    """(instruction counts by opcode, registers per thread, local-memory bytes = spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,31 +51,42 @@ def sass_ops(kernel, signature: dict, constexprs: dict, num_warps: int, arch: in
                               options={"num_warps": num_warps, "enable_fp_fusion": fusion})
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                             "nvdisasm")
+    cuobjdump = os.path.join(os.path.dirname(nvdisasm), "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return collections.Counter(m.group(1) for m in map(_INSTR.search, text.splitlines())
-                               if m and m.group(1) != "NOP")
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    regs, local = map(int, _REGS.search(usage).groups())
+    ops = collections.Counter(m.group(1) for m in map(_INSTR.search, text.splitlines())
+                              if m and m.group(1) != "NOP")
+    return ops, regs, local
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
     ap.add_argument("--tile", type=int, default=None, help="elements per program")
+    ap.add_argument("--warps", type=int, default=None, help="warps per program")
     args = ap.parse_args()
     from harness.quant import triton_fq as tfq
 
     if args.tile:
-        tfq.TILE = args.tile
-    print(f"sm_{args.arch}, tile {tfq.TILE}: warp-instructions per element (static SASS)")
-    print("| dtype | format | pass | instructions | per element | MUFU | div calls | SHFL | BAR |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        tfq.TILE, tfq.MAX_ROWS = args.tile, 1 << 20  # as bench/quant_ste.py --configs
+    if args.warps:
+        tfq.WARPS = args.warps
+    print(f"sm_{args.arch}, tile {tfq.TILE}, warps {tfq.WARPS or 'auto'}: warp-instructions per "
+          "element (static SASS); registers per thread, spilled bytes, warps an SM holds and the "
+          "bytes they load at once (all of a program's loads are issued before its reductions)")
+    print("| dtype | format | pass | instructions | per element | MUFU | div calls | SHFL | BAR "
+          "| regs | spill B | warps/SM | KB loaded/SM |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tname in ("bf16", "fp32"):
         for label, fmt, bits, group in FORMATS:
             mode = tfq.MODE_NF3 if fmt == "nf3" else tfq.MODE_ASYM
-            cfg = dict(tfq._config(False, group, mode, bits, True, tfq.TILE))
+            cfg = dict(tfq._launch_config(False, group, mode, bits, True))
             warps = cfg.pop("num_warps")
             cfg.pop("enable_fp_fusion")
             elems = cfg["BLOCK_G"] * cfg["BLOCK_R"]
@@ -83,12 +106,17 @@ def main() -> None:
                                                       "x_proto": f"*{tname}",
                                                       "g_proto": f"*{tname}"},
                                    {**cfg, "DETACH": False, "EVEN": True})
+            size = 2 if tname == "bf16" else 4
             for name, (kernel, sig, consts) in passes.items():
                 sig = {**sig, **{k: "constexpr" for k in consts}}
-                ops = sass_ops(kernel, sig, consts, warps, args.arch)
+                ops, regs, local = sass_ops(kernel, sig, consts, warps, args.arch)
                 n = sum(ops.values())
+                held = resident_warps(regs, warps)
+                loads = 2 if name.startswith("bwd") else 1  # x (and the incoming gradient)
+                kb = held / warps * elems * size * loads / 1024
                 print(f"| {tname} | {label} | {name} | {n} | {n * warps / elems:.2f} | "
-                      f"{ops['MUFU']} | {ops['CALL']} | {ops['SHFL']} | {ops['BAR']} |")
+                      f"{ops['MUFU']} | {ops['CALL']} | {ops['SHFL']} | {ops['BAR']} | "
+                      f"{regs} | {local} | {held} | {kb:.0f} |")
 
 
 if __name__ == "__main__":

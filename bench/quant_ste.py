@@ -15,6 +15,7 @@ three more passes over the weight that neither the floor nor a training step has
 
     python bench/quant_ste.py                      # CUDA if available, else CPU
     python bench/quant_ste.py --rows 2048 --cols 1024 --device cpu
+    python bench/quant_ste.py --configs 4096/4,8192/8,16384/8   # CUDA: launch shapes too
 """
 
 from __future__ import annotations
@@ -89,6 +90,42 @@ def kernel_time(fn, reps: int) -> float:
     return total_us / 1e6 / reps
 
 
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """"4096/4,16384" -> [(4096, 4), (16384, 0)] (0 warps: the kernel's own choice)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        tile, _, warps = item.partition("/")
+        ok = tile.isdigit() and (not warps or warps.isdigit())
+        if not ok or int(tile) < 1 or int(tile) & (int(tile) - 1) or (warps and int(warps) & (int(warps) - 1)):
+            raise SystemExit(f"error: bad launch shape {item!r}; write TILE or TILE/WARPS "
+                             "with powers of two, e.g. 8192/8")
+        out.append((int(tile), int(warps or 0)))
+    return out
+
+
+def _default_config() -> str:
+    from harness.quant import triton_fq
+
+    return f"{triton_fq.TILE}/{triton_fq.WARPS or 'auto'}"
+
+
+def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int) -> str:
+    """Wall and kernel time of ``fn`` at each launch shape, as ratios to the floor. Rows per
+    program are uncapped here, so a tile means the same elements for every group size."""
+    from harness.quant import triton_fq
+
+    saved = triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS
+    cells = []
+    try:
+        for tile, warps in configs:
+            triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = tile, warps, 1 << 20
+            wall, gpu = timed(fn, device, reps), kernel_time(fn, reps)
+            cells.append(f"{tile}/{warps or 'auto'}: {wall / floor:.1f} {gpu / floor:.2f}")
+    finally:
+        triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = saved
+    return "  ".join(cells)
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -102,9 +139,15 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--tiles", default="", help="CUDA: also time the Triton kernel at these "
-                    "elements-per-program values (comma list), bf16 only")
+    ap.add_argument("--configs", default="", help="CUDA: also time the Triton kernels at these "
+                    "launch shapes, comma list of TILE or TILE/WARPS (elements and warps per "
+                    "program), e.g. 4096/4,8192/8,16384/8")
+    ap.add_argument("--tiles", default="", help="old name of --configs")
+    ap.add_argument("--sweep-dtypes", default="bfloat16",
+                    help="dtypes --configs sweeps (comma list; each shape compiles anew)")
     args = ap.parse_args()
+    configs = parse_configs(args.configs or args.tiles)
+    sweep_dtypes = set(args.sweep_dtypes.split(","))
     device = torch.device(args.device)
     bw = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -128,22 +171,18 @@ def main() -> None:
 
             t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)
             name = f"{fmt if fmt == 'nf3' else fmt + str(bits)} g{group}"
-            if args.tiles and device.type == "cuda" and dtype == torch.bfloat16:
-                from harness.quant import triton_fq
-
-                default, sweep = triton_fq.TILE, []
-                for tile in map(int, args.tiles.split(",")):
-                    triton_fq.TILE = tile
-                    sweep.append(f"{tile}:{timed(ours, device, args.reps) / floor:.1f}")
-                triton_fq.TILE = default
-                print(f"  tile sweep {name} (elements per program: ours/floor) {' '.join(sweep)}")
             row = (f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
                    f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
                    f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
             if cuda:
                 k = kernel_time(ours, args.reps)
                 row += f" {k * 1e3:11.3f} {k / floor:9.1f}"
-            print(row)
+            print(row, flush=True)
+            if configs and cuda and str(dtype).removeprefix("torch.") in sweep_dtypes:
+                # printed as it goes: a bench cut off by a timeout keeps what it measured
+                print(f"  launch shapes (tile/warps: wall/floor GPU/floor; default "
+                      f"{_default_config()}): " + sweep(ours, configs, floor, device, args.reps),
+                      flush=True)
 
 
 if __name__ == "__main__":

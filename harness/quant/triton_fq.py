@@ -261,21 +261,30 @@ def _fq_bwd_many(table_ptr, map_ptr, x_proto, g_proto, G: tl.constexpr,
               FP16_SCALE, DETACH, BIG, EVEN)
 
 
-TILE = 4096  # elements per program (whole groups); bench/quant_ste.py --tiles sweeps it
+# Launch shape; bench/quant_ste.py --configs sweeps TILE and WARPS on a GPU.
+TILE = 4096  # elements per program (whole groups, at most MAX_ROWS of them)
+WARPS = 0  # warps per program; 0: 4 up to 4096 elements, else 8
+MAX_ROWS = 64
 
 
 @functools.cache
-def _config(big: bool, group: int, mode: int, bits: int, fp16_scale: bool, tile: int) -> dict:
+def _config(big: bool, group: int, mode: int, bits: int, fp16_scale: bool, tile: int,
+            warps: int = 0, max_rows: int = 64) -> dict:
     """Launch keywords shared by every kernel; cached (callers never mutate it)."""
     block_g = triton.next_power_of_2(group)
-    block_r = max(1, min(64, tile // block_g))
+    block_r = max(1, min(max_rows, tile // block_g))
     if mode == MODE_SYM:
         qmin, qmax = -(2 ** (bits - 1)), max(2 ** (bits - 1) - 1, 1)
     else:
         qmin, qmax = 0, 2**bits - 1
     return dict(G=group, BLOCK_G=block_g, BLOCK_R=block_r, MODE=mode, QMIN=qmin, QMAX=qmax,
                 FP16_SCALE=fp16_scale, BIG=big,
-                num_warps=4 if block_g * block_r <= 4096 else 8, enable_fp_fusion=False)
+                num_warps=warps or (4 if block_g * block_r <= 4096 else 8),
+                enable_fp_fusion=False)
+
+
+def _launch_config(big: bool, group: int, mode: int, bits: int, fp16_scale: bool) -> dict:
+    return _config(big, group, mode, bits, fp16_scale, TILE, WARPS, MAX_ROWS)
 
 
 def _even(n_groups: int, cfg: dict) -> bool:
@@ -287,7 +296,7 @@ class TritonFakeQuant(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, group: int, mode: int, bits: int, fp16_scale: bool,
                 detach: bool, out_dtype: torch.dtype | None):
         w = w.contiguous()
-        cfg = _config(w.numel() >= 2**31, group, mode, bits, fp16_scale, TILE)
+        cfg = _launch_config(w.numel() >= 2**31, group, mode, bits, fp16_scale)
         n_groups = w.numel() // group
         save = ctx.needs_input_grad[0] and not (detach and mode == MODE_NF3)
         stats = torch.empty(n_groups, 2, device=w.device, dtype=torch.float32) if save else w
@@ -345,8 +354,7 @@ class TritonFakeQuantMany(torch.autograd.Function):
         if not all(aligned(w) for w in ws):
             raise ValueError("every weight must be contiguous and 16-byte aligned")
         dev = ws[0].device
-        cfg = _config(any(w.numel() >= 2**31 for w in ws), group, mode, bits, fp16_scale,
-                      TILE)
+        cfg = _launch_config(any(w.numel() >= 2**31 for w in ws), group, mode, bits, fp16_scale)
         n_groups = tuple(w.numel() // group for w in ws)
         owner, firsts, programs = _program_map(n_groups, cfg["BLOCK_R"], dev)
         save = any(ctx.needs_input_grad[1:]) and not (detach and mode == MODE_NF3)

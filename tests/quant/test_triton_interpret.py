@@ -60,6 +60,11 @@ def test_packing_stores_the_codes_the_kernel_trains_with(findings):
     assert all(packed.values()), packed
 
 
+def test_other_launch_shapes_give_the_same_values_and_gradients(findings):
+    assert findings["extras"]["launch_shapes"] == {
+        "int2": [True, True], "int3-sym": [True, True], "nf3": [True, True]}
+
+
 @pytest.mark.parametrize("case", [
     f"{f}{b}-g{g}{'-sym' if s else ''}{'-detach' if d else ''}"
     for (f, b, g, s), d in itertools.product(cases.MANY_FORMATS, (False, True))])

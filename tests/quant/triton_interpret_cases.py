@@ -100,6 +100,30 @@ def extras(tfq) -> dict:
         q = quantize(big, fmt, bits, group, sym, scale_dtype=torch.float16)
         packed[f"{fmt}{bits}-g{group}{'-sym' if sym else ''}"] = torch.equal(k, dequantize(q))
     res["packing_equal"] = packed
+    res["launch_shapes"] = launch_shapes(tfq)
+    return res
+
+
+def launch_shapes(tfq) -> dict:
+    """Other tiles, warps and row caps (what bench/quant_ste.py --configs sweeps) give the
+    default launch's values and gradients: one tile smaller than a row of groups, one larger
+    than the whole weight."""
+    w, g = weight(torch.float32, 16, 480), torch.randn(16, 480)
+    res = {}
+    for label, fmt, bits, sym in (("int2", "int", 2, False), ("int3-sym", "int", 3, True),
+                                  ("nf3", "nf3", 3, False)):
+        fq = lambda x, f=fmt, b=bits, s=sym: tfq.fake_quantize_triton(  # noqa: E731
+            x, f, b, 32, s, False, torch.float16)
+        base = _run(fq, w, g)
+        saved = tfq.TILE, tfq.WARPS, tfq.MAX_ROWS
+        same = []
+        try:
+            for tfq.TILE, tfq.WARPS, tfq.MAX_ROWS in ((64, 1, 64), (8192, 8, 1 << 20)):
+                out = _run(fq, w, g)
+                same.append(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
+        finally:
+            tfq.TILE, tfq.WARPS, tfq.MAX_ROWS = saved
+        res[label] = same
     return res
 
 
