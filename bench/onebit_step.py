@@ -49,8 +49,8 @@ def _amp(device):
 def forward_backward(student, teacher, ids, device) -> torch.Tensor:
     with _amp(device):
         with torch.no_grad():
-            t = teacher(input_ids=ids, output_hidden_states=True)
-        s = student(input_ids=ids, output_hidden_states=True)
+            t = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
+        s = student(input_ids=ids, output_hidden_states=True, use_cache=False)
         loss = onebit_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], s.hidden_states,
                            t.hidden_states)
     loss.backward()

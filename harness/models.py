@@ -205,6 +205,14 @@ def _check_gguf(path: Path) -> None:
                            f"re-download it") from None
 
 
+def no_cache(model: nn.Module) -> dict:
+    """Keyword arguments for a single full-sequence forward: ``use_cache=False`` where the model
+    has a key/value cache (transformers builds one by default, in training too: two
+    concatenations per layer and the keys/values kept alive for nothing), else none."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+
 def model_config(name: str, trust_remote_code: bool = False):
     """The HF config of ``name`` without loading weights (used to resolve group sizes)."""
     _quiet_transformers()

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from harness.models import no_cache
 from harness.registry import register_method
 from harness.train.config import TrainConfig
 from methods.qat import QAT, QATConfig, make_objective
@@ -46,7 +47,7 @@ def estimate_gamma(variant: str, ctx, batch_size: int) -> float:
     logits = []
     for i in range(min(GAMMA_BATCHES, max(1, data.size(0) // batch_size))):
         ids = data[i * batch_size : (i + 1) * batch_size].to(ctx.device)
-        logits.append((teacher(ids).logits[:, :-1].float(), ids[:, 1:]))
+        logits.append((teacher(ids, **no_cache(teacher)).logits[:, :-1].float(), ids[:, 1:]))
     if variant == "paper":
         return float(sum(gamma_paper(lg, lb) for lg, lb in logits) / len(logits))
     return float(gamma_code([lg for lg, _ in logits]))

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from harness.models import no_cache
 from harness.registry import register_method
 from methods.rtn import RTN
 from methods.weightquant import WeightQuantConfig
@@ -55,9 +56,10 @@ def capture_inputs(model, names: list[str], batches: torch.Tensor, n_tokens: int
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     device = next(model.parameters()).device
+    kwargs = no_cache(model)
     try:
         for row in batches:
-            model(row.unsqueeze(0).to(device))
+            model(row.unsqueeze(0).to(device), **kwargs)
             offsets["pos"] += row.numel()
     finally:
         for h in handles:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.models import no_cache
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048,
         batches = tqdm(batches, desc=desc, unit="win", leave=False)
     was_training = model.training
     model.eval()
+    kwargs = no_cache(model)
     try:
         for i in batches:
             x = windows[i : i + batch_size].to(device)
-            logits = model(x).logits[:, :-1].float()
+            logits = model(x, **kwargs).logits[:, :-1].float()
             nll = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
             )

@@ -20,6 +20,7 @@ from torch import nn
 
 from harness import interrupts
 from harness.errors import HarnessError, TrainingDiverged
+from harness.models import no_cache
 from harness.train.config import TrainConfig
 from methods.base import Objective, ObjectiveInputs, RunContext
 
@@ -152,7 +153,7 @@ def _batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> to
 
 
 def _forward(model, ids, hidden: bool):
-    out = model(input_ids=ids, output_hidden_states=hidden)
+    out = model(input_ids=ids, output_hidden_states=hidden, **no_cache(model))
     return out.logits[:, :-1], (out.hidden_states if hidden else None)
 
 

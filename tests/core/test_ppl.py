@@ -50,3 +50,22 @@ def test_matches_hf_loss_on_tiny(tiny):
 def test_too_short_is_an_error():
     with pytest.raises(HarnessError, match="fewer than one window"):
         perplexity(Uniform(5), torch.randint(0, 5, (10,)), seq_len=100)
+
+
+def test_forwards_build_no_kv_cache(tiny, monkeypatch):
+    """PPL and training call the model with use_cache=False (transformers otherwise fills a
+    cache nobody reads: ops and memory per layer); models without a cache get no such flag."""
+    from harness.models import no_cache
+    from harness.train.trainer import _forward
+
+    model, _ = tiny
+    assert no_cache(Uniform(5)) == {}
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (kwargs.get("use_cache"), out.past_key_values)), with_kwargs=True)
+    ids = torch.randint(0, 1000, (256,))
+    perplexity(model, ids, seq_len=128)
+    _forward(model, ids.view(2, 128), hidden=True)
+    assert seen == [(False, None)] * 3
+    with torch.no_grad():  # what the flag saves: a cache is built by default
+        assert model(ids[None, :8]).past_key_values is not None

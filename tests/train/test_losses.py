@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from harness.train import losses as L
@@ -160,6 +161,26 @@ def test_onebit_loss_kd_and_hidden_terms():
     assert L.onebit_loss(s, t, y, None, None, alpha=0.0).item() == pytest.approx(fkl)
     with pytest.raises(ValueError):
         L.onebit_loss(s, t, y, None, None, alpha=1.0)
+
+
+@pytest.mark.parametrize("which", ["code", "all"])
+def test_onebit_hidden_term_value_and_gradient_equal_the_per_layer_formula(which):
+    """The hidden-state term (computed on all layers stacked) against the paper's sum over
+    layers written one layer at a time, value and gradient into every student state."""
+    torch.manual_seed(0)
+    s, t, y = tensors()
+    h_s = [torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    h_t = [torch.randn(2, 3, 5, dtype=torch.float64) for _ in range(4)]
+    got = L.onebit_loss(s, t, y, h_s, h_t, alpha=1.0, kd_scale=0.0, hidden_states=which)
+    got_grads = torch.autograd.grad(got, h_s, allow_unused=True)
+    n = 3 if which == "code" else 4
+    want = sum(((F.normalize(a, dim=-1) - F.normalize(b, dim=-1)) ** 2).sum(-1).mean()
+               for a, b in zip(h_s[:n], h_t[:n], strict=True))
+    want_grads = torch.autograd.grad(want, h_s[:n])
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for g, w in zip(got_grads[:n], want_grads, strict=True):
+        torch.testing.assert_close(g.double(), w)
+    assert all(g is None or not g.any() for g in got_grads[n:])
 
 
 def test_registry_uniform_signature_and_unknown_name():
