@@ -29,6 +29,7 @@ from train_step import bench_model, interleaved, print_profile, step_bench_args
 from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
+from harness.train.autocast import frozen_linears_in
 from harness.train.losses import onebit_loss
 from harness.train.trainer import _compiled_decoders
 
@@ -150,7 +151,9 @@ def main() -> None:
         compiling = (_compiled_decoders(student, teacher) if variant == "compiled"
                      else nullcontext())
         try:
-            with compiling:
+            # as the trainer: the teacher's linears held in autocast's dtype for the loop
+            with compiling, frozen_linears_in(teacher, torch.bfloat16 if device.type == "cuda"
+                                              else None):
                 if variant == "compiled" and not timed_compile:
                     t0 = time.perf_counter()
                     forward_backward(student, teacher, ids, device)

@@ -21,6 +21,7 @@ from torch import nn
 from harness import interrupts
 from harness.errors import HarnessError, TrainingDiverged
 from harness.models import no_cache
+from harness.train.autocast import frozen_linears_in
 from harness.train.config import TrainConfig
 from methods.base import Objective, ObjectiveInputs, RunContext
 
@@ -284,8 +285,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         if hasattr(ctx.recorder, "resume_from"):
             ctx.recorder.resume_from(start)
         ctx.recorder.metric("resumed_from_step", start)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else nullcontext())
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     model.train()
     bar = None
     if progress:
@@ -297,7 +298,9 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     batched = _batched_weights(model, device)
     train_s = ckpt.train_s  # seconds in training steps before this invocation
     try:
-        with interrupts.deferred() as stop_requested, _compiled_decoders(model, teacher):
+        with (interrupts.deferred() as stop_requested,
+              frozen_linears_in(teacher, amp_dtype),
+              _compiled_decoders(model, teacher)):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 lr = opt.param_groups[0]["lr"]
