@@ -90,13 +90,16 @@ def kernel_time(fn, reps: int) -> float:
     return total_us / 1e6 / reps
 
 
+def _power_of_two(text: str) -> bool:
+    return text.isdigit() and int(text) > 0 and int(text) & (int(text) - 1) == 0
+
+
 def parse_configs(text: str) -> list[tuple[int, int]]:
     """"4096/4,16384" -> [(4096, 4), (16384, 0)] (0 warps: the kernel's own choice)."""
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         tile, _, warps = item.partition("/")
-        ok = tile.isdigit() and (not warps or warps.isdigit())
-        if not ok or int(tile) < 1 or int(tile) & (int(tile) - 1) or (warps and int(warps) & (int(warps) - 1)):
+        if not _power_of_two(tile) or (warps and not _power_of_two(warps)):
             raise SystemExit(f"error: bad launch shape {item!r}; write TILE or TILE/WARPS "
                              "with powers of two, e.g. 8192/8")
         out.append((int(tile), int(warps or 0)))

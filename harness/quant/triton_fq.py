@@ -269,7 +269,7 @@ MAX_ROWS = 64
 
 @functools.cache
 def _config(big: bool, group: int, mode: int, bits: int, fp16_scale: bool, tile: int,
-            warps: int = 0, max_rows: int = 64) -> dict:
+            warps: int, max_rows: int) -> dict:
     """Launch keywords shared by every kernel; cached (callers never mutate it)."""
     block_g = triton.next_power_of_2(group)
     block_r = max(1, min(max_rows, tile // block_g))
