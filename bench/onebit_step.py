@@ -29,9 +29,9 @@ from train_step import bench_model, interleaved, print_profile, step_bench_args
 from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
-from harness.train.autocast import frozen_linears_in
+from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.losses import onebit_loss
-from harness.train.trainer import _compiled_decoders
+from harness.train.trainer import _compiled_decoders, _forward
 
 
 def _peak_reset(device) -> None:
@@ -43,17 +43,13 @@ def _peak_mb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
-def _amp(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def forward_backward(student, teacher, ids, device) -> torch.Tensor:
-    with _amp(device):
+    """The trainer's micro-step: its forwards under its autocast, OneBit's loss, backward."""
+    with training_autocast(device):
+        logits, hidden = _forward(student, ids, hidden=True)
         with torch.no_grad():
-            t = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
-        s = student(input_ids=ids, output_hidden_states=True, use_cache=False)
-        loss = onebit_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], s.hidden_states,
-                           t.hidden_states)
+            t_logits, t_hidden = _forward(teacher, ids, hidden=True)
+        loss = onebit_loss(logits, t_logits, ids[:, 1:], hidden, t_hidden)
     loss.backward()
     return loss
 
@@ -152,8 +148,7 @@ def main() -> None:
                      else nullcontext())
         try:
             # as the trainer: the teacher's linears held in autocast's dtype for the loop
-            with compiling, frozen_linears_in(teacher, torch.bfloat16 if device.type == "cuda"
-                                              else None):
+            with compiling, frozen_linears_in(teacher, autocast_dtype(device)):
                 if variant == "compiled" and not timed_compile:
                     t0 = time.perf_counter()
                     forward_backward(student, teacher, ids, device)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from contextlib import nullcontext
 
 import torch
 
 from harness.models import load_model
 from harness.quant import QuantFormat, QuantLinear, decoder_linear_names, replace_linears
+from harness.train.autocast import training_autocast
 
 
 def _step(model, ids, opt, amp) -> None:
@@ -33,7 +33,7 @@ def _step(model, ids, opt, amp) -> None:
 
 def step_time(model, ids, steps: int, device, profile: bool = False) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = training_autocast(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     _step(model, ids, opt, amp)  # warm-up: kernels compile, allocator fills
     sync()

@@ -1,12 +1,24 @@
-"""The frozen teacher under autocast: its linear weights cast once, not on every forward."""
+"""Training's autocast: which dtype on which device, and the frozen teacher's linear weights
+cast once to it rather than on every forward."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA; None elsewhere (the CPU trains in fp32, without autocast)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def training_autocast(device: torch.device) -> AbstractContextManager:
+    """The autocast context a training step's forward runs in on ``device``."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 @contextmanager

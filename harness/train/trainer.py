@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from harness import interrupts
 from harness.errors import HarnessError, TrainingDiverged
 from harness.models import no_cache
-from harness.train.autocast import frozen_linears_in
+from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
 from methods.base import Objective, ObjectiveInputs, RunContext
 
@@ -285,8 +285,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         if hasattr(ctx.recorder, "resume_from"):
             ctx.recorder.resume_from(start)
         ctx.recorder.metric("resumed_from_step", start)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    amp = training_autocast(device)
     model.train()
     bar = None
     if progress:
@@ -299,7 +298,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     train_s = ckpt.train_s  # seconds in training steps before this invocation
     try:
         with (interrupts.deferred() as stop_requested,
-              frozen_linears_in(teacher, amp_dtype),
+              frozen_linears_in(teacher, autocast_dtype(device)),
               _compiled_decoders(model, teacher)):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
