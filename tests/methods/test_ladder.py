@@ -158,6 +158,40 @@ def test_export_and_eval_cli(cli, db_url, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
+def test_onebit_run_evaluates_and_exports_packed_through_the_cli(cli, db_url, tmp_path):
+    """OneBitLinear has no dense HF form: eval goes through the packed file, export needs
+    --packed, and the exported file alone rebuilds the model eval measured."""
+    from harness import data
+    from harness.eval.ppl import perplexity
+    from harness.export import load_packed
+
+    code, _, err = cli("run", "--methods", "onebit", "--model", "tiny-llama", "--no-fp",
+                       "--tasks", "", "--set", "train.steps=2", "--max-eval-tokens", "512",
+                       "--seq-len", "128", "--db", db_url, "--output-dir", tmp_path / "runs")
+    assert code == 0, err
+    _, out, _ = cli("list", "--json", "--db", db_url)
+    run = next(r for r in json.loads(out) if r["method"] == "onebit")
+    text = tmp_path / "t.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 40)
+    code, out, err = cli("eval", run["run_key"], "--text", text, "--seq-len", "128",
+                         "--db", db_url)
+    assert code == 0, err
+    ppl = float(out.split()[0].removeprefix("ppl="))
+    # the packed file reproduces the trained model: same held-out PPL as the run stored
+    code, out, err = cli("eval", run["run_key"], "--seq-len", "128", "--max-tokens", "512",
+                         "--db", db_url)
+    assert code == 0, err
+    assert float(out.split()[0].removeprefix("ppl=")) == pytest.approx(run["metrics"]["ppl"], rel=1e-3)
+    code, _, err = cli("export", run["run_key"], tmp_path / "hf", "--db", db_url)
+    assert code == 2 and "--packed" in err and "Traceback" not in err
+    code, _, err = cli("export", run["run_key"], tmp_path / "packed", "--packed", "--db", db_url)
+    assert code == 0, err
+    model, tok, _ = load_packed(tmp_path / "packed" / "packed.safetensors")
+    assert any(type(m).__name__ == "OneBitLinear" for m in model.modules())
+    again = perplexity(model, data.tokenize(tok, text.read_text()), seq_len=128)
+    assert again.ppl == pytest.approx(ppl, rel=1e-3)  # eval prints 4 decimals
+
+
 @pytest.mark.parametrize("over,needle", [
     ({"loss": "klx"}, "unknown loss"),
     ({"gamma": "papr"}, "gamma"),
