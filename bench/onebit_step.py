@@ -83,22 +83,27 @@ def count_ops(student, teacher, ids, device) -> int:
 
 
 def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple[float, float]:
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5,
-                            betas=(0.9, 0.98), weight_decay=0.01)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step():
+    def step():  # as the trainer: clipping at its default 1.0, the loss left on the device
         loss = forward_backward(student, teacher, ids, device)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()  # the trainer's per-step sync
+        return loss.detach()
 
-    step()  # warm-up
+    step().item()  # warm-up
     sync()
     _peak_reset(device)
     t0 = time.perf_counter()
+    last = None
     for _ in range(steps):
-        step()
+        loss = step()
+        if last is not None:
+            last.item()  # the trainer reads each loss after dispatching the next step
+        last = loss
     sync()
     mean = (time.perf_counter() - t0) / steps
     peak = _peak_mb(device)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -223,17 +223,23 @@ def _compiled_decoders(*models: nn.Module | None):
         stacks.clear()
 
 
-def _optimizer_step(model, teacher, objective: Objective, opt, params, data, step: int,
-                    cfg: TrainConfig, device, amp) -> float:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches; returns the step's mean loss.
+def _to_device(ids: torch.Tensor, device) -> torch.Tensor:
+    # From pageable memory a copy to the GPU waits for the GPU to finish its queue, which
+    # would stop the host dispatching once per step; a pinned copy does not.
+    if torch.device(device).type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
 
-    Raises:
-        TrainingDiverged: a micro-batch's loss is NaN or infinite.
-    """
+
+def _optimizer_step(model, teacher, objective: Objective, opt, params, data, step: int,
+                    cfg: TrainConfig, device, amp) -> torch.Tensor:
+    """Dispatches one optimizer step over ``cfg.grad_accum`` micro-batches; returns the step's
+    mean loss as a 0-d tensor without waiting for it (the caller reads it, and checks it is
+    finite, while the next step runs: see :class:`_PendingLoss`)."""
     opt.zero_grad(set_to_none=True)
-    total = 0.0
+    total = None
     for micro in range(cfg.grad_accum):
-        ids = _batch_at(data, step, micro, cfg).to(device)
+        ids = _to_device(_batch_at(data, step, micro, cfg), device)
         with amp:
             logits, hidden = _forward(model, ids, objective.needs_hidden_states)
             t_logits = t_hidden = None
@@ -243,17 +249,51 @@ def _optimizer_step(model, teacher, objective: Objective, opt, params, data, ste
             loss = objective.loss(ObjectiveInputs(
                 student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
                 student_hidden=hidden, teacher_hidden=t_hidden))
-        value = loss.item()  # the step's one host sync
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"loss is {value} at step {step + 1}; lower the learning rate "
-                f"(train.lr={cfg.lr}) or check the data, then rerun")
         (loss / cfg.grad_accum).backward()
-        total += value / cfg.grad_accum
+        part = loss.detach().float() / cfg.grad_accum
+        total = part if total is None else total + part
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return total
+
+
+class _PendingLoss:
+    """The loss of the step dispatched last, read by the host one step later.
+
+    Reading a loss waits for the GPU to finish computing it. Read right away, the host would
+    stop dispatching for as long as the GPU takes to catch up, every step (the OneBit step on
+    an H200 is bound by the host's dispatching); read after the next step is dispatched, the
+    GPU always has that step queued. A NaN is therefore found one step late, when the weights
+    have taken one more step: the run fails all the same, and :meth:`settle` runs before
+    every checkpoint, so no checkpoint holds a step whose loss was not finite."""
+
+    def __init__(self, cfg: TrainConfig, recorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self.step: tuple | None = None
+        self.value = float("nan")  # the last loss read
+
+    def settle(self) -> float:
+        """Reads the pending step's loss: checks it, logs it; returns the last loss read.
+
+        Raises:
+            TrainingDiverged: the loss is NaN or infinite.
+        """
+        if self.step is not None:
+            number, loss, lr, tps = self.step
+            self.step = None
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss is {value} at step {number}; lower the learning rate "
+                    f"(train.lr={self.cfg.lr}) or check the data, then rerun")
+            self.value = value
+            if number % self.cfg.log_every == 0 or number == self.cfg.steps:
+                self.recorder.train_step(number, value, lr, tps)
+        return self.value
+
+    def replace(self, number: int, loss: torch.Tensor, lr: float, tps: float) -> None:
+        self.step = (number, loss, lr, tps)
 
 
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
@@ -292,10 +332,10 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {ctx.spec.method}", unit="step")
-    loss_value = float("nan")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
     batched = _batched_weights(model, device)
     train_s = ckpt.train_s  # seconds in training steps before this invocation
+    pending = _PendingLoss(cfg, ctx.recorder)
     try:
         with (interrupts.deferred() as stop_requested,
               frozen_linears_in(teacher, autocast_dtype(device)),
@@ -303,25 +343,34 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 lr = opt.param_groups[0]["lr"]
-                loss_value = _optimizer_step(model, teacher, objective, opt, params, data,
-                                             step, cfg, device, amp)
+                loss = _optimizer_step(model, teacher, objective, opt, params, data, step,
+                                       cfg, device, amp)
                 sched.step()
+                pending.settle()  # the previous step's loss, while this one runs
+                # Dispatch plus the wait for the step before: over the run, the wall time.
                 seconds = time.perf_counter() - t0
                 train_s += seconds
                 tps = tokens_per_step / max(seconds, 1e-9)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                    ctx.recorder.train_step(step + 1, loss_value, lr, tps)
+                pending.replace(step + 1, loss, lr, tps)
                 stop = stop_requested()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+                    pending.settle()
                     ckpt.save(step + 1, model, opt, sched, train_s)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+                    shown = {"loss": f"{pending.value:.4f}"} if step > start else {}
+                    bar.set_postfix(**shown, tok_s=f"{tps:.0f}")  # loss: the step before
                     bar.update(1)
                 if stop:  # also after the last step: the command was asked to stop
                     raise interrupts.stopped(stop, step + 1, cfg.steps)
+    except Exception:
+        # A crash in step n+1 leaves step n's row unwritten; log it if its loss is readable.
+        with suppress(Exception):
+            pending.settle()
+        raise
     finally:
         for hooks in batched:
             hooks.remove()
+    loss_value = pending.value
     if bar is not None:
         bar.close()
     model.eval()

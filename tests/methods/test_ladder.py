@@ -68,6 +68,74 @@ def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
     assert third.status == "skipped"
 
 
+@pytest.mark.parametrize("bad", [3, 4])
+def test_nan_found_a_step_late_never_reaches_a_checkpoint(store, tmp_path, monkeypatch, bad):
+    """The host reads step n's loss after dispatching step n+1. A NaN at step 3 is read while
+    step 4 (a checkpoint step) runs; one at step 4 must be read before step 4 is saved.
+    Either way the run fails on the right step and the checkpoint stays at step 2."""
+    import torch
+
+    import methods.qat as qat
+
+    real = qat.make_objective
+
+    def nan_at_step_3(config, ctx, gamma=None):
+        obj = real(config, ctx, gamma)
+        loss, calls = obj.loss, []
+
+        def spoiled(inputs):
+            calls.append(1)
+            out = loss(inputs)
+            return out * torch.tensor(float("nan")) if len(calls) == bad else out
+        obj.loss = spoiled
+        return obj
+
+    monkeypatch.setattr(qat, "make_objective", nan_at_step_3)
+    spec = _spec("qat")
+    [out] = execute([spec], store, tmp_path)
+    assert out.status == "failed" and f"loss is nan at step {bad}" in out.error
+    state = json.loads((tmp_path / spec.run_key / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    assert [s.step for s in store.train_steps(out.run_id)] == list(range(1, bad))
+
+
+def test_dispatching_a_step_never_waits_for_its_loss(store, tmp_path, monkeypatch):
+    """No host read of a tensor inside the step (each would stall the host on a GPU); the
+    losses read one step later are the ones logged, all six of them."""
+    import sys
+
+    import torch
+
+    import harness.train.trainer as trainer
+
+    real_step, inside = trainer._optimizer_step, []
+
+    def watched(*args, **kwargs):
+        inside.append(True)
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    real_item = torch.Tensor.item
+
+    def item(t):
+        # AdamW reads its step counters, which live on the host on every device
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        assert not inside or caller.startswith("torch.optim"), \
+            f"a training step read a tensor on the host ({caller})"
+        return real_item(t)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", watched)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    [out] = execute([_spec("qat")], store, tmp_path)
+    assert out.status == "finished", out.error
+    rows = store.train_steps(out.run_id)
+    assert [s.step for s in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r.loss > 0 for r in rows)
+    assert store.metric_dict(out.run_id)["final_train_loss"] == rows[-1].loss
+
+
 def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_equals_an_unbroken_one(
         store, tmp_path, monkeypatch):
     import os
