@@ -162,7 +162,9 @@ def _bwd_tile(pid, x_ptr, g_ptr, gx_ptr, stats_ptr, n_groups, G: tl.constexpr,
                       tl.where(pos, inv_a[:, None], inv_b[:, None]))
         d = g * (_nf3_q(normed) - normed)
         gmx = tl.sum(tl.where(pos & mask, d, 0.0), 1)
-        gmn = tl.sum(tl.where(mask & (x < 0), d, 0.0), 1)
+        # x < 0 as "not pos" (the same for any non-NaN weight): the compiler reuses pos's
+        # predicate (a compare of its own: 6% more instructions, 38 more registers in bf16)
+        gmn = tl.sum(tl.where(pos | ~mask, 0.0, d), 1)
         gmx = tl.where(mx >= 1e-5, gmx, 0.0)
         gmn = tl.where(mn <= -1e-5, -gmn, tl.where(mn >= 1e-5, gmn, 0.0))  # d|mn|/dmn
         hit_mx = mask & (x == mx2)
