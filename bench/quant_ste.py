@@ -69,8 +69,9 @@ def timed(fn, device, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def kernel_time(fn, reps: int) -> float:
-    """Seconds per call that CUDA kernels run (profiler, summed as its "Self CUDA time total").
+def kernel_times(fn, reps: int) -> dict[str, float]:
+    """Seconds per call each CUDA kernel runs (profiler; their sum is its "Self CUDA time
+    total").
 
     A single fwd+bwd call's wall time also holds the host's work (autograd, launches): when
     that is longer than the kernels, the GPU idles between calls and the wall time no longer
@@ -85,9 +86,21 @@ def kernel_time(fn, reps: int) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-    return total_us / 1e6 / reps
+    return {e.key: e.self_device_time_total / 1e6 / reps for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and e.self_device_time_total > 0}
+
+
+def kernel_time(fn, reps: int) -> float:
+    return sum(kernel_times(fn, reps).values())
+
+
+def split(times: dict[str, float]) -> str:
+    """"fwd/bwd/other" milliseconds: the Triton kernels by name, anything else launched."""
+    fwd = sum(t for k, t in times.items() if "_fq_fwd" in k)
+    bwd = sum(t for k, t in times.items() if "_fq_bwd" in k)
+    other = sum(times.values()) - fwd - bwd
+    return f"{fwd * 1e3:.3f}/{bwd * 1e3:.3f}/{other * 1e3:.3f}"
 
 
 def _power_of_two(text: str) -> bool:
@@ -158,7 +171,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     print(f"{'dtype':9s} {'format':10s} {'ref ms':>9s} {'ours ms':>9s} {'floor ms':>9s} "
           f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s}"
-          + (f" {'ours GPU ms':>11s} {'GPU/floor':>9s}" if cuda else ""))
+          + (f" {'ours GPU ms':>11s} {'GPU/floor':>9s}  fwd/bwd/other ms" if cuda else ""))
     for dtype in (torch.bfloat16, torch.float32):
         w = (torch.randn(args.rows, args.cols, device=device) * 0.02).to(dtype).requires_grad_()
         grad = torch.randn_like(w)
@@ -178,8 +191,9 @@ def main() -> None:
                    f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
                    f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
             if cuda:
-                k = kernel_time(ours, args.reps)
-                row += f" {k * 1e3:11.3f} {k / floor:9.1f}"
+                times = kernel_times(ours, args.reps)
+                k = sum(times.values())
+                row += f" {k * 1e3:11.3f} {k / floor:9.1f}  {split(times)}"
             print(row, flush=True)
             if configs and cuda and str(dtype).removeprefix("torch.") in sweep_dtypes:
                 # printed as it goes: a bench cut off by a timeout keeps what it measured
