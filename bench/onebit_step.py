@@ -30,8 +30,10 @@ from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
+from harness.train.config import TrainConfig
 from harness.train.losses import onebit_loss
-from harness.train.trainer import _compiled_decoders, _forward
+from harness.train.trainer import _compiled_decoders, _forward, _optimizer_step
+from methods.base import Objective
 
 
 def _peak_reset(device) -> None:
@@ -83,16 +85,22 @@ def count_ops(student, teacher, ids, device) -> int:
 
 
 def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple[float, float]:
+    """Seconds per step of the trainer's own step (``_optimizer_step``: the batch copied from
+    the host, both forwards, OneBit's loss, backward, clipping at the default 1.0, AdamW), each
+    loss read after the next step is dispatched, as the trainer reads them; and peak MB."""
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cfg = TrainConfig(steps=steps, batch_size=ids.size(0), seq_len=ids.size(1))
+    objective = Objective(
+        loss=lambda i: onebit_loss(i.student_logits, i.teacher_logits, i.labels,
+                                   i.student_hidden, i.teacher_hidden),
+        needs_teacher=True, needs_hidden_states=True)
+    data, amp = ids.cpu(), training_autocast(device)
 
-    def step():  # as the trainer: clipping at its default 1.0, the loss left on the device
-        loss = forward_backward(student, teacher, ids, device)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    def step():
+        return _optimizer_step(student, teacher, objective, opt, params, data, 0, cfg, device,
+                               amp)
 
     step().item()  # warm-up
     sync()
