@@ -31,9 +31,9 @@ from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
-from harness.train.losses import onebit_loss
 from harness.train.trainer import _compiled_decoders, _forward, _optimizer_step
-from methods.base import Objective
+from methods.base import ObjectiveInputs
+from methods.onebit import OneBit
 
 
 def _peak_reset(device) -> None:
@@ -45,13 +45,19 @@ def _peak_mb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
+# The method's own objective (default config: KD + hidden states, the paper's weighting).
+OBJECTIVE = OneBit().objective(None)
+
+
 def forward_backward(student, teacher, ids, device) -> torch.Tensor:
     """The trainer's micro-step: its forwards under its autocast, OneBit's loss, backward."""
     with training_autocast(device):
         logits, hidden = _forward(student, ids, hidden=True)
         with torch.no_grad():
             t_logits, t_hidden = _forward(teacher, ids, hidden=True)
-        loss = onebit_loss(logits, t_logits, ids[:, 1:], hidden, t_hidden)
+        loss = OBJECTIVE.loss(ObjectiveInputs(
+            student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+            student_hidden=hidden, teacher_hidden=t_hidden))
     loss.backward()
     return loss
 
@@ -92,14 +98,10 @@ def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = TrainConfig(steps=steps, batch_size=ids.size(0), seq_len=ids.size(1))
-    objective = Objective(
-        loss=lambda i: onebit_loss(i.student_logits, i.teacher_logits, i.labels,
-                                   i.student_hidden, i.teacher_hidden),
-        needs_teacher=True, needs_hidden_states=True)
     data, amp = ids.cpu(), training_autocast(device)
 
     def step():
-        return _optimizer_step(student, teacher, objective, opt, params, data, 0, cfg, device,
+        return _optimizer_step(student, teacher, OBJECTIVE, opt, params, data, 0, cfg, device,
                                amp)
 
     step().item()  # warm-up
