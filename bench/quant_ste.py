@@ -69,6 +69,20 @@ def timed(fn, device, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def host_time(fn, device, reps: int) -> float:
+    """Seconds the host spends per call: the calls return as soon as their work is queued, so
+    timing up to the last return (not the sync) gives the host's share. Equal to the wall time
+    when the host, not the GPU, is the bottleneck."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = time.perf_counter() - start
+    _sync(device)
+    return host / reps
+
+
 def kernel_times(fn, reps: int) -> dict[str, float]:
     """Seconds per call each CUDA kernel runs (profiler; their sum is its "Self CUDA time
     total").
@@ -170,12 +184,23 @@ def main() -> None:
           f"weight {args.rows}x{args.cols}, copy bandwidth {bw / 1e9:.1f} GB/s")
     cuda = device.type == "cuda"
     print(f"{'dtype':9s} {'format':10s} {'ref ms':>9s} {'ours ms':>9s} {'floor ms':>9s} "
-          f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s}"
-          + (f" {'ours GPU ms':>11s} {'GPU/floor':>9s}  fwd/bwd/other ms" if cuda else ""))
+          f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s} {'ours/mul':>8s}"
+          + (f" {'host ms':>7s} {'ours GPU ms':>11s} {'GPU/floor':>9s}  fwd/bwd/other ms"
+             if cuda else ""))
     for dtype in (torch.bfloat16, torch.float32):
         w = (torch.randn(args.rows, args.cols, device=device) * 0.02).to(dtype).requires_grad_()
         grad = torch.randn_like(w)
         floor = 4 * w.numel() * w.element_size() / bw
+
+        def mul(w=w, grad=grad):
+            w.grad = None
+            (w * 1.0).backward(grad)
+
+        t_mul = timed(mul, device, args.reps)
+        print(f"{str(dtype).removeprefix('torch.')}: w * 1.0, fwd+bwd (one autograd op moving "
+              f"the floor's bytes): {t_mul * 1e3:.3f} ms = {t_mul / floor:.1f}x the floor"
+              + (f", host {host_time(mul, device, args.reps) * 1e3:.3f} ms per call"
+                 if cuda else ""), flush=True)
         for fmt, bits, group in CASES:
             def ref(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
                 w.grad = None
@@ -189,11 +214,12 @@ def main() -> None:
             name = f"{fmt if fmt == 'nf3' else fmt + str(bits)} g{group}"
             row = (f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
                    f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
-                   f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f}")
+                   f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f} {t_ours / t_mul:8.2f}")
             if cuda:
                 times = kernel_times(ours, args.reps)
                 k = sum(times.values())
-                row += f" {k * 1e3:11.3f} {k / floor:9.1f}  {split(times)}"
+                row += (f" {host_time(ours, device, args.reps) * 1e3:7.3f} {k * 1e3:11.3f} "
+                        f"{k / floor:9.1f}  {split(times)}")
             print(row, flush=True)
             if configs and cuda and str(dtype).removeprefix("torch.") in sweep_dtypes:
                 # printed as it goes: a bench cut off by a timeout keeps what it measured
