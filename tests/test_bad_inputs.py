@@ -103,6 +103,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
                          "unknown task 'nosuch'"),
         "bits 0": ([*run, "--methods", "rtn", "--bits", "0", *QUICK], "bits"),
         "bits 9": ([*run, "--methods", "rtn", "--bits", "9", *QUICK], "bits"),
+        "symmetric 1-bit": ([*run, "--methods", "rtn", "--bits", "1", "--set", "symmetric=true",
+                             *QUICK], "symmetric 1-bit"),
         "group size not dividing": ([*run, "--methods", "rtn", "--group-size", "48", *QUICK],
                                     "use one of [32, 64, -1]"),
         "negative steps": ([*run, "--methods", "qat", "--set", "train.steps=-1", *QUICK],
@@ -170,6 +172,7 @@ def test_at_least_twenty_distinct_bad_inputs(results):
 
 @pytest.mark.parametrize("name", [
     "unknown method", "unknown format", "unknown loss", "unknown task", "bits 0", "bits 9",
+    "symmetric 1-bit",
     "group size not dividing", "negative steps", "negative lr", "missing model path",
     "garbage safetensors", "truncated safetensors", "truncated gguf",
     "model folder without config", "malformed yaml", "unknown yaml key", "unreachable database",

@@ -26,6 +26,10 @@ class QuantFormat(BaseModel):
     def _valid(self):
         if self.fmt == "int" and not 1 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits} is outside 1-8 for integer formats; pick 1..8")
+        if self.fmt == "int" and self.symmetric and self.bits == 1:
+            from harness.quant.primitives import SYM1_ERROR
+
+            raise ValueError(SYM1_ERROR)
         if self.fmt == "nf3" and self.bits != 3:
             raise ValueError(f"nf3 is a 3-bit format (got bits={self.bits}); use fmt=int for "
                              f"{self.bits} bits")

@@ -47,7 +47,7 @@ class IntFakeQuant(torch.autograd.Function):
                 scale_dtype):
         # xg: float32 [out, n_groups, group]
         if symmetric:
-            qmax, qmin = max(2 ** (bits - 1) - 1, 1), -(2 ** (bits - 1))
+            qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
             absmax = xg.abs().amax(-1, keepdim=True)
             raw = div_exact(absmax.clamp(min=1e-5), qmax)
         else:

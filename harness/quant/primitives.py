@@ -43,7 +43,15 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // g, g)
 
 
-def _check(fmt: str, bits: int) -> None:
+SYM1_ERROR = ("symmetric 1-bit integers have no positive level (codes -1 and 0); use "
+              "asymmetric int1 (each group's min and max) or the onebit method")
+
+
+def _check(fmt: str, bits: int, symmetric: bool = False) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise HarnessError(f"bits must be a whole number, got {bits!r}")
+    if fmt == "int" and symmetric and bits == 1:
+        raise HarnessError(SYM1_ERROR)
     if fmt == "int" and not 1 <= bits <= 8:
         raise HarnessError(f"bits={bits} is outside 1-8 for integer formats; pick 1..8")
     if fmt == "nf3" and bits != 3:
@@ -68,7 +76,7 @@ def _round_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
 
 def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     if symmetric:
-        qmax = max(2 ** (bits - 1) - 1, 1)  # 1-bit symmetric: codes {-1, 0} scaled by max|w|
+        qmax = 2 ** (bits - 1) - 1  # bits >= 2 (_check refuses 1-bit symmetric)
         scale = div_exact(g.abs().amax(-1, keepdim=True).clamp(min=1e-5), qmax)
         return _round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
     qmax = 2**bits - 1
@@ -123,7 +131,7 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
     Raises:
         HarnessError: bad format/bits or a group size that does not divide the input dim.
     """
-    _check(fmt, bits)
+    _check(fmt, bits, symmetric)
     if fused and w.is_cuda and scale_dtype in (None, torch.float16) and _triton_ok():
         _grouped(w, group_size)  # validates shape and group size with the usual errors
         from harness.quant.triton_fq import fake_quantize_triton
@@ -200,7 +208,7 @@ def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int =
              symmetric: bool = False, scale_dtype: torch.dtype = torch.float16) -> QParams:
     """Codes + parameters such that ``dequantize(quantize(w)) == fake_quantize(w,
     scale_dtype=scale_dtype)`` exactly."""
-    _check(fmt, bits)
+    _check(fmt, bits, symmetric)
     x = _grouped(w.float(), group_size)
     if fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)

@@ -276,7 +276,7 @@ def _config(big: bool, group: int, mode: int, bits: int, fp16_scale: bool, tile:
     block_g = triton.next_power_of_2(group)
     block_r = max(1, min(max_rows, tile // block_g))
     if mode == MODE_SYM:
-        qmin, qmax = -(2 ** (bits - 1)), max(2 ** (bits - 1) - 1, 1)
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
         qmin, qmax = 0, 2**bits - 1
     return dict(G=group, BLOCK_G=block_g, BLOCK_R=block_r, MODE=mode, QMIN=qmin, QMAX=qmax,

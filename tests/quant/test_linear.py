@@ -19,11 +19,15 @@ def test_decoder_linears_exclude_lm_head(tiny):
     assert len(names) == 14 and not any("lm_head" in n or "embed" in n for n in names)
 
 
+# Every format: integer 1-8 bits asymmetric, 2-8 symmetric, NF3, at a group size and per row.
+ALL_FORMATS = [QuantFormat(fmt="int", bits=b, group_size=g, symmetric=s)
+               for b in range(1, 9) for s in (False, True) for g in (32, -1) if (b, s) != (1, True)]
+ALL_FORMATS += [QuantFormat(fmt="nf3", bits=3, group_size=g) for g in (64, -1)]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("q", [QuantFormat(fmt="int", bits=2, group_size=64),
-                               QuantFormat(fmt="int", bits=3, group_size=32, symmetric=True),
-                               QuantFormat(fmt="nf3", bits=3, group_size=64),
-                               QuantFormat(fmt="int", bits=4, group_size=-1)])
+@pytest.mark.parametrize("q", ALL_FORMATS, ids=lambda q: f"{q.fmt}{q.bits}-g{q.group_size}"
+                         f"{'-sym' if q.symmetric else ''}")
 def test_packed_logits_equal_training_logits(tiny_copy, q, device):
     """On CUDA the training form runs the Triton kernel, the packed form torch's dequantize."""
     model, _ = tiny_copy

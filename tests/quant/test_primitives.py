@@ -81,7 +81,8 @@ def test_gradients_flow_into_scales_unless_detached():
     assert not torch.allclose(g_live, g_det)
 
 
-CASES = [("int", b, g, s) for b, g, s in itertools.product(range(1, 9), (-1, 16, 32), (False, True))]
+CASES = [("int", b, g, s) for b, g, s in itertools.product(range(1, 9), (-1, 16, 32), (False, True))
+         if (b, s) != (1, True)]  # symmetric 1-bit is refused (test_bad_arguments)
 CASES += [("nf3", 3, g, False) for g in (-1, 16, 32)]
 
 
@@ -100,6 +101,8 @@ def test_dequantize_quantize_equals_fake_quantize(fmt, bits, group, sym, dtype):
     (dict(fmt="int", bits=9), "outside 1-8"),
     (dict(fmt="nf3", bits=2), "3-bit"),
     (dict(fmt="int", bits=3, group_size=48), "does not divide"),
+    (dict(fmt="int", bits=1, symmetric=True), "symmetric 1-bit"),
+    (dict(fmt="int", bits=2.5), "whole number"),
 ])
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(HarnessError, match=needle):

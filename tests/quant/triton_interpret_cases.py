@@ -14,7 +14,7 @@ import torch
 
 FORMATS = [("int", 2, 16, False), ("int", 3, 32, False), ("int", 1, 16, False),
            ("int", 8, 16, False), ("int", 4, -1, False), ("int", 2, 24, False),
-           ("int", 3, 16, True), ("int", 1, 16, True), ("nf3", 3, 16, False),
+           ("int", 3, 16, True), ("int", 2, 16, True), ("nf3", 3, 16, False),
            ("nf3", 3, -1, False), ("nf3", 3, 24, False)]
 SCALES = [(False, "float16"), (True, "float16"), (False, None)]
 DTYPES = ["float32", "bfloat16"]
