@@ -90,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true", help="only the packed safetensors file")
     _add_db(p)
 
-    p = sub.add_parser("eval", help="perplexity (and tasks) of a stored run on any text")
-    p.add_argument("run")
+    p = sub.add_parser("eval", help="perplexity (and tasks) of a stored run or an exported "
+                       "model on any text")
+    p.add_argument("run", help="a run key (prefix) or id, or a path written by `harness export` "
+                   "(folder or packed.safetensors)")
     p.add_argument("--text", help="text file to compute perplexity on (default: held-out plays)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="perplexity window (default: the run's own, else 2048)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap on scored tokens (default: the run's own cap on the held-out "
+                   "text, which reproduces its stored PPL; all of a --text file)")
     p.add_argument("--tasks", default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default=None)

@@ -220,13 +220,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from harness.export import evaluate_stored_run
-    from harness.store import Store
+    from harness.export import evaluate_path, evaluate_stored_run
 
-    store = Store(args.db, readonly=True)
-    result = evaluate_stored_run(store, store.get_run(args.run), text_file=args.text,
-                                 seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                 tasks=args.tasks, limit=args.limit, device=args.device)
+    opts = dict(text_file=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                tasks=args.tasks, limit=args.limit, device=args.device)
+    if Path(args.run).exists():  # an exported model: no database involved
+        result = evaluate_path(args.run, **opts)
+    else:
+        from harness.store import Store
+
+        store = Store(args.db, readonly=True)
+        result = evaluate_stored_run(store, store.get_run(args.run), **opts)
     print(f"ppl={result['ppl']:.4f} tokens={result['tokens']}")
     for key, value in result.items():
         if key not in ("ppl", "tokens"):

@@ -57,17 +57,42 @@ def save_packed(model: nn.Module, spec, run_dir: Path) -> Path:
     return path
 
 
-def _empty_module(spec: dict) -> nn.Module:
-    kind = spec["type"]
+def _module_class(kind: str) -> type:
     if kind == "QuantLinear":
         from harness.quant.linear import QuantLinear
 
-        return QuantLinear.from_packed_spec(spec)
+        return QuantLinear
     if kind == "OneBitLinear":
         from harness.quant.onebit import OneBitLinear
 
-        return OneBitLinear.from_packed_spec(spec)
+        return OneBitLinear
     raise HarnessError(f"packed file holds an unknown module type {kind!r}; upgrade lowbit-harness")
+
+
+def _empty_module(spec: dict) -> nn.Module:
+    return _module_class(spec["type"]).from_packed_spec(spec)
+
+
+def packed_metadata(path: str | Path) -> dict[str, str]:
+    """The packed file's metadata (model, run key, spec, modules), without loading tensors.
+
+    Raises:
+        HarnessError: missing file, or not a lowbit-harness packed file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"packed file {path} does not exist; rerun the run or check --output-dir")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as exc:
+        raise HarnessError(f"{path} is not a readable safetensors file ({exc}); export it "
+                           f"again with `harness export RUN DIR --packed`") from None
+    if "modules" not in meta:
+        raise HarnessError(f"{path} is not a lowbit-harness packed file (no metadata)")
+    return meta
 
 
 def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name: str | None = None):
@@ -76,19 +101,13 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name
     Raises:
         HarnessError: missing file, or a file made from another base model.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from harness.models import load_model
     from harness.quant.modules import replace_linears
 
     path = Path(path)
-    if not path.exists():
-        raise HarnessError(f"packed file {path} does not exist; rerun the run or check --output-dir")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "modules" not in meta:
-        raise HarnessError(f"{path} is not a lowbit-harness packed file (no metadata)")
+    meta = packed_metadata(path)
     name = model_name or meta["model"]
     model, tok = load_model(name, device=device)
     if _base_fingerprint(model) != meta.get("base_fingerprint"):
@@ -126,20 +145,21 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
     import shutil
 
     src = _run_packed_path(store, run)
+    if not packed_only:  # refused before anything is written
+        kinds = {spec["type"] for spec in json.loads(packed_metadata(src)["modules"]).values()}
+        if dense_less := sorted(k for k in kinds if not hasattr(_module_class(k), "to_linear")):
+            raise HarnessError(f"run {run.run_key} uses {', '.join(dense_less)}, which has no "
+                               f"dense Hugging Face form; use `harness export {run.run_key} DIR "
+                               f"--packed` and evaluate it with `harness eval DIR`")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / PACKED_FILE]
     shutil.copyfile(src, written[0])
     if packed_only:
         return written
-    model, tok, _meta = load_packed(src)
+    model, tok, _meta = load_packed(src, model_name=run.model)
     from harness.quant.modules import quantized_modules, replace_linears
 
     modules = dict(quantized_modules(model))
-    if any(not hasattr(m, "to_linear") for m in modules.values()):
-        kinds = sorted({type(m).__name__ for m in modules.values()})
-        raise HarnessError(f"run {run.run_key} uses {', '.join(kinds)}, which has no dense "
-                           f"Hugging Face form; use `harness export {run.run_key} DIR --packed` "
-                           f"and load it with harness.export.load_packed")
     replace_linears(model, list(modules), lambda n, _m: modules[n].to_linear())
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -147,33 +167,80 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
     return written
 
 
-def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int = 2048,
+def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int | None = None,
                         max_tokens: int | None = None, tasks: str | None = None,
                         limit: int | None = None, device: str | None = None) -> dict:
-    """Perplexity (and optional tasks) of a stored run's model on a text file."""
-    from harness import data
-    from harness.eval.ppl import perplexity
+    """Perplexity (and optional tasks) of a stored run's model on a text file.
+
+    Defaults are the run's own evaluation settings, so on the held-out text it reproduces the
+    PPL the run stored; on ``text_file`` every token is scored unless ``max_tokens`` caps it.
+    """
     from harness.models import load_model
     from harness.runner import pick_device
 
-    if tasks:  # a bad name fails before any model work
+    _check_eval_inputs(text_file, tasks, seq_len, max_tokens)
+    dev = pick_device(device)
+    if run.method == "fp":
+        model, tok = load_model(run.model, device=dev)
+    else:
+        model, tok, _ = load_packed(_run_packed_path(store, run), device=dev, model_name=run.model)
+    return _evaluate(model, tok, run.spec.get("eval") or {}, text_file, seq_len, max_tokens,
+                     tasks, limit)
+
+
+def evaluate_path(path: str | Path, text_file: str | None = None, seq_len: int | None = None,
+                  max_tokens: int | None = None, tasks: str | None = None,
+                  limit: int | None = None, device: str | None = None) -> dict:
+    """:func:`evaluate_stored_run` for an exported model, no database needed: a packed file, a
+    folder holding one (``harness export RUN DIR --packed``) or a dense Hugging Face export.
+    A packed file's base model must be available locally; its run's evaluation settings are
+    the defaults, as for a stored run."""
+    from harness.models import load_model
+    from harness.runner import pick_device
+
+    path = Path(path)
+    packed = path if path.is_file() else path / PACKED_FILE
+    if packed.is_file():
+        eval_spec = json.loads(packed_metadata(packed).get("spec") or "{}").get("eval") or {}
+    elif (path / "config.json").is_file():
+        packed, eval_spec = None, {}
+    else:
+        raise HarnessError(f"{path} holds neither {PACKED_FILE} nor a Hugging Face config.json; "
+                           f"pass a folder written by `harness export` or a packed file")
+    _check_eval_inputs(text_file, tasks, seq_len, max_tokens)
+    dev = pick_device(device)
+    if packed is None:
+        model, tok = load_model(str(path), device=dev)
+    else:
+        model, tok, _ = load_packed(packed, device=dev)
+    return _evaluate(model, tok, eval_spec, text_file, seq_len, max_tokens, tasks, limit)
+
+
+def _check_eval_inputs(text_file: str | None, tasks: str | None, seq_len: int | None,
+                       max_tokens: int | None) -> None:
+    """Bad task names, windows or a missing text file fail before any model work."""
+    for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens)):
+        if value is not None and value <= 0:
+            raise HarnessError(f"{flag} {value}: must be a positive number of tokens")
+    if tasks:
         from harness.errors import require_module
 
         require_module("harness.eval.accuracy", "--tasks").check_task_names(tasks.split(","))
     if text_file and not Path(text_file).is_file():
         raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
-    dev = pick_device(device)
-    if run.method == "fp":
-        model, tok = load_model(run.model, device=dev)
-    else:
-        model, tok, _ = load_packed(_run_packed_path(store, run), device=dev)
+
+
+def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | None,
+              max_tokens: int | None, tasks: str | None, limit: int | None) -> dict:
+    from harness import data
+    from harness.eval.ppl import perplexity
+
+    seq_len = seq_len or run_eval.get("seq_len") or 2048
     if text_file:
-        p = Path(text_file)
-        if not p.is_file():
-            raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace")
     else:
         text = data.split_text("eval")
+        max_tokens = max_tokens or run_eval.get("max_tokens")
     res = perplexity(model, data.tokenize(tok, text), seq_len=seq_len, max_tokens=max_tokens,
                      progress=True)
     out = {"ppl": res.ppl, "tokens": res.tokens}

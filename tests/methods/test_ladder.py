@@ -1,8 +1,10 @@
 """The ladder on tiny-llama through the real runner and store (integration tier)."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from harness.plan import build_spec
 from harness.scheduler import execute
@@ -224,6 +226,48 @@ def test_export_and_eval_cli(cli, db_url, tmp_path):
     assert out.startswith("ppl=") and "tokens=" in out
     code, _, err = cli("eval", rtn["run_key"], "--text", tmp_path / "missing.txt", "--db", db_url)
     assert code == 2 and "does not exist" in err
+    # Without flags eval uses the run's own window and token cap: it reproduces the stored PPL,
+    # from the run, from the dense export and from the packed export alike (no database).
+    stored = f"ppl={rtn['metrics']['ppl']:.4f} tokens=1024"
+    code, _, err = cli("export", rtn["run_key"], tmp_path / "packed", "--packed", "--db", db_url)
+    assert code == 0, err
+    for target in (rtn["run_key"], tmp_path / "packed", tmp_path / "packed" / "packed.safetensors"):
+        code, out, err = cli("eval", target, "--db", db_url)
+        assert code == 0, err
+        assert out.splitlines()[0] == stored, target
+    code, out, err = cli("eval", tmp_path / "hf", "--max-tokens", "1024", "--seq-len", "256")
+    assert code == 0, err
+    assert float(out.split()[0].removeprefix("ppl=")) == pytest.approx(rtn["metrics"]["ppl"],
+                                                                       rel=1e-3)
+    code, _, err = cli("eval", tmp_path, "--db", db_url)  # neither a packed file nor HF config
+    assert code == 2 and "neither" in err and "Traceback" not in err
+    code, _, err = cli("eval", rtn["run_key"], "--seq-len", "0", "--db", db_url)
+    assert code == 2 and "--seq-len 0" in err
+
+
+def test_eval_refuses_a_packed_file_of_another_model(cli, db_url, tmp_path):
+    """A run's packed file replaced by one quantized from another base model: eval says so
+    instead of scoring the wrong model."""
+    from harness.models import load_model
+
+    other, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(2)
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    keys = {}
+    for model in ("tiny-llama", tmp_path / "other"):
+        code, _, err = cli("run", "--methods", "rtn", "--bits", "3", "--model", model, "--no-fp",
+                           "--tasks", "", "--max-eval-tokens", "256", "--seq-len", "128",
+                           "--db", db_url, "--output-dir", tmp_path / "runs")
+        assert code == 0, err
+        _, out, _ = cli("list", "--json", "--db", db_url)
+        keys[str(model)] = next(r["run_key"] for r in json.loads(out) if r["run_key"] not in
+                                keys.values())
+    mine, theirs = (tmp_path / "runs" / keys[k] / "packed.safetensors" for k in keys)
+    shutil.copyfile(theirs, mine)
+    code, _, err = cli("eval", keys["tiny-llama"], "--db", db_url)
+    assert code == 2 and "was made from model" in err and "Traceback" not in err
 
 
 def test_onebit_run_evaluates_and_exports_packed_through_the_cli(cli, db_url, tmp_path):
@@ -252,8 +296,12 @@ def test_onebit_run_evaluates_and_exports_packed_through_the_cli(cli, db_url, tm
     assert float(out.split()[0].removeprefix("ppl=")) == pytest.approx(run["metrics"]["ppl"], rel=1e-3)
     code, _, err = cli("export", run["run_key"], tmp_path / "hf", "--db", db_url)
     assert code == 2 and "--packed" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()  # refused before writing anything
     code, _, err = cli("export", run["run_key"], tmp_path / "packed", "--packed", "--db", db_url)
     assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "packed", "--seq-len", "128", "--max-tokens", "512")
+    assert code == 0, err
+    assert float(out.split()[0].removeprefix("ppl=")) == pytest.approx(run["metrics"]["ppl"], rel=1e-3)
     model, tok, _ = load_packed(tmp_path / "packed" / "packed.safetensors")
     assert any(type(m).__name__ == "OneBitLinear" for m in model.modules())
     again = perplexity(model, data.tokenize(tok, text.read_text()), seq_len=128)
