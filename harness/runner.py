@@ -61,10 +61,8 @@ class _Timer:
         self.seconds = time.perf_counter() - self.start
         if exc[0] is None:
             self.recorder.metric(f"time_{self.name}_s", self.seconds)
-            peaks = window_peaks()
-            self.recorder.metric(f"peak_rss_mb_{self.name}", peaks["rss"])
-            self.recorder.metric(f"peak_gpu_mb_{self.name}", peaks["gpu"])
-            for kind, value in peaks.items():
+            for kind, value in window_peaks().items():
+                self.recorder.metric(f"peak_{kind}_mb_{self.name}", value)
                 self.peaks[kind] = max(self.peaks.get(kind, 0.0), value)
 
 
@@ -173,9 +171,9 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
         recorder.artifact("packed", str(path))
     with _Timer(recorder, "eval", peaks):
         metrics = evaluate(model, tokenizer, spec, recorder, progress=progress)
-    recorder.metric("peak_rss_mb", peaks["rss"])
-    recorder.metric("peak_gpu_mb", peaks["gpu"])
-    metrics.update(peak_rss_mb=peaks["rss"], peak_gpu_mb=peaks["gpu"])
+    for kind, value in peaks.items():
+        recorder.metric(f"peak_{kind}_mb", value)
+        metrics[f"peak_{kind}_mb"] = value
     if not torch.isfinite(torch.tensor(metrics["ppl"])):
         log.warning("%s: perplexity is not finite", spec.run_key)
     return metrics

@@ -84,6 +84,10 @@ def reset_peaks() -> None:
 
 
 def window_peaks() -> dict[str, float]:
-    """Peak host RSS and GPU memory (MB) since the last :func:`reset_peaks`."""
+    """Peak host RSS and, where CUDA is, GPU memory (MB) since the last :func:`reset_peaks`.
+    Without CUDA there is no "gpu" key: a CPU run has no GPU peak, not a peak of 0 MB."""
     rss = _vm_hwm_mb()
-    return {"rss": rss if rss is not None else peak_rss_mb(), "gpu": peak_gpu_mb()}
+    peaks = {"rss": rss if rss is not None else peak_rss_mb()}
+    if torch.cuda.is_available():
+        peaks["gpu"] = peak_gpu_mb()
+    return peaks

@@ -40,6 +40,12 @@ def test_bitdistiller_trains_on_teacher_data_and_stores_gamma(store, tmp_path):
     assert out.status == "finished", out.error
     m = store.metric_dict(out.run_id)
     assert 0 < m["cakld_gamma"] < 1
+    # memory per stage; a GPU peak only where there is a GPU (not "0 MB" on a CPU)
+    stages = ("load", "prepare", "train", "finalize", "eval")
+    assert all(m[f"peak_rss_mb_{s}"] > 0 for s in stages) and m["peak_rss_mb"] > 0
+    assert ("peak_gpu_mb" in m) == torch.cuda.is_available()
+    assert all((f"peak_gpu_mb_{s}" in m) == torch.cuda.is_available() for s in stages)
+    assert m["bits_per_weight"] > 0 and m["total_bytes"] == m["quantized_bytes"] + m["fp_bytes"]
     assert [s.step for s in store.train_steps(out.run_id)] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / out.spec.run_key / "packed.safetensors").exists()
 
