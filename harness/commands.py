@@ -44,6 +44,7 @@ def _specs_from_flags(args) -> list:
     eval_over = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len,
                  "tasks": args.tasks, "limit": args.limit}
     overrides_for = _route_overrides(args.methods, overrides)
+    _check_bits_apply(args.methods, args.bits)
     specs = []
     for method in args.methods:
         for bits in args.bits or [None]:
@@ -55,6 +56,31 @@ def _specs_from_flags(args) -> list:
             if spec not in specs:
                 specs.append(spec)
     return specs
+
+
+def _check_bits_apply(methods: list[str], bits: list[int] | None) -> None:
+    """--bits for methods of a fixed width (onebit) is an error when no requested method takes
+    it, and a note when some do (``--methods bitdistiller,onebit --bits 2`` compares 2-bit
+    BitDistiller with 1-bit OneBit)."""
+    from harness.registry import get_method
+
+    if not bits:
+        return
+    fields = {m: get_method(m).Config.model_fields for m in methods}
+    fixed = [m for m in methods if "bits" not in fields[m] and m != "fp"]
+    if not fixed:
+        return
+
+    def width(m: str) -> str:
+        f = fields[m].get("weight_bits")
+        return f"{m} ({f.default} bit{'s' if f.default != 1 else ''})" if f else m
+
+    what = (f"{', '.join(map(width, fixed))} {'has' if len(fixed) == 1 else 'have'} a fixed "
+            f"width")
+    if all(m in fixed or m == "fp" for m in methods):
+        raise HarnessError(f"--bits: {what}; drop --bits")
+    print(f"note: --bits applies to {', '.join(m for m in methods if m not in fixed and m != 'fp')}"
+          f"; {what}", file=sys.stderr)
 
 
 def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:

@@ -103,6 +103,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
                          "unknown task 'nosuch'"),
         "bits 0": ([*run, "--methods", "rtn", "--bits", "0", *QUICK], "bits"),
         "bits 9": ([*run, "--methods", "rtn", "--bits", "9", *QUICK], "bits"),
+        "bits for onebit": ([*run, "--methods", "onebit", "--bits", "2", *QUICK],
+                            "onebit (1 bit) has a fixed width"),
         "symmetric 1-bit": ([*run, "--methods", "rtn", "--bits", "1", "--set", "symmetric=true",
                              *QUICK], "symmetric 1-bit"),
         "group size not dividing": ([*run, "--methods", "rtn", "--group-size", "48", *QUICK],
@@ -172,7 +174,7 @@ def test_at_least_twenty_distinct_bad_inputs(results):
 
 @pytest.mark.parametrize("name", [
     "unknown method", "unknown format", "unknown loss", "unknown task", "bits 0", "bits 9",
-    "symmetric 1-bit",
+    "symmetric 1-bit", "bits for onebit",
     "group size not dividing", "negative steps", "negative lr", "missing model path",
     "garbage safetensors", "truncated safetensors", "truncated gguf",
     "model folder without config", "malformed yaml", "unknown yaml key", "unreachable database",

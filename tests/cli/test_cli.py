@@ -73,3 +73,16 @@ def test_features_not_built_yet_fail_in_one_line(cli, db_url, monkeypatch):
             continue  # the feature exists: its own tests cover it
         code, _, err = cli(*args, "--db", db_url)
         assert code == 2 and "not available" in err and "Traceback" not in err
+
+
+def test_bits_with_a_fixed_width_method_is_noted(capsys):
+    """`--methods bitdistiller,onebit --bits 2` compares 2-bit BitDistiller with 1-bit OneBit:
+    a note says so; fp (the reference) never needs one. onebit alone: tests/test_bad_inputs."""
+    from harness.commands import _check_bits_apply
+
+    _check_bits_apply(["bitdistiller", "onebit"], [2])
+    err = capsys.readouterr().err
+    assert "applies to bitdistiller" in err and "onebit (1 bit) has a fixed width" in err
+    _check_bits_apply(["fp", "rtn"], [2])
+    _check_bits_apply(["onebit"], None)
+    assert capsys.readouterr().err == ""
