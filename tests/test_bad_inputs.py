@@ -108,7 +108,7 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "symmetric 1-bit": ([*run, "--methods", "rtn", "--bits", "1", "--set", "symmetric=true",
                              *QUICK], "symmetric 1-bit"),
         "group size not dividing": ([*run, "--methods", "rtn", "--group-size", "48", *QUICK],
-                                    "use one of [32, 64, -1]"),
+                                    "use one of [8, 16, 32, 64, -1]"),
         "negative steps": ([*run, "--methods", "qat", "--set", "train.steps=-1", *QUICK],
                            "train.steps"),
         "negative lr": ([*run, "--methods", "qat", "--set", "train.lr=-1", *QUICK], "train.lr"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from harness.errors import HarnessError
-
-CANDIDATE_GROUPS = (32, 64, 128, 256, 512, 1024)
 
 
 class QuantFormat(BaseModel):
@@ -44,8 +43,11 @@ class QuantFormat(BaseModel):
 
 
 def valid_group_sizes(in_features: Iterable[int]) -> list[int]:
-    dims = list(in_features)
-    return [g for g in CANDIDATE_GROUPS if all(d % g == 0 for d in dims)] + [-1]
+    """The group sizes to suggest: every common divisor of the input dims from 8 to 1024 (all
+    above 1 if none is), then -1. Any common divisor works; smaller ones cost scale bytes."""
+    common = math.gcd(*in_features)
+    divisors = [g for g in range(2, common + 1) if common % g == 0]
+    return ([g for g in divisors if 8 <= g <= 1024] or divisors or [1]) + [-1]
 
 
 def resolve_group_size(in_features: Iterable[int], requested: int | str | None) -> int:
