@@ -133,13 +133,33 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None, recorder,
         _load_checked(task_manager, names)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                   max_length=_max_length(model))
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(names), limit=limit, task_manager=task_manager,
-            bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, cache_requests=False,
-        )
+        with _no_git_lookup():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(names), limit=limit, task_manager=task_manager,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, cache_requests=False,
+            )
     model.train(was_training)
     seconds = time.perf_counter() - start
     return _record(results, names, limit, seconds, recorder)
+
+
+@contextlib.contextmanager
+def _no_git_lookup():
+    """lm-eval runs `git describe` in the working directory to record "its" commit: outside a
+    repository git prints "fatal: not a git repository" on the terminal (a child process, past
+    any redirect), and inside one it records whichever repository the user stands in. The
+    harness records its own versions, so the lookup is skipped."""
+    import lm_eval.evaluator as evaluator
+
+    if not hasattr(evaluator, "get_git_commit_hash"):  # other lm-eval versions
+        yield
+        return
+    real = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real
 
 
 def _max_length(model) -> int:

@@ -91,7 +91,9 @@ def test_unknown_task_is_one_line_listing_offline_tasks():
     assert check_task_names(("piqa", "shakespeare_cloze")) == ("piqa", "shakespeare_cloze")
 
 
-def test_evaluate_tasks_on_tiny_records_metrics(tiny):
+def test_evaluate_tasks_on_tiny_records_metrics(tiny, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's git lookup is skipped
+
     class Rec:
         rows = []
 
@@ -105,6 +107,7 @@ def test_evaluate_tasks_on_tiny_records_metrics(tiny):
             "acc_avg"} <= set(out)
     assert ("acc", "shakespeare_nextline") in {(n, t) for n, t, _ in rec.rows}
     assert all(0.0 <= out[k] <= 1.0 for k in out if k.endswith(("/acc", "/acc_norm", "acc_avg")))
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_cli_run_with_tasks_stores_task_metrics(cli, db_url, tmp_path):
