@@ -105,10 +105,6 @@ def kernel_times(fn, reps: int) -> dict[str, float]:
             and e.self_device_time_total > 0}
 
 
-def kernel_time(fn, reps: int) -> float:
-    return sum(kernel_times(fn, reps).values())
-
-
 def split(times: dict[str, float]) -> str:
     """"fwd/bwd/other" milliseconds: the Triton kernels by name, anything else launched."""
     fwd = sum(t for k, t in times.items() if "_fq_fwd" in k)
@@ -149,8 +145,11 @@ def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int) -
     try:
         for tile, warps in configs:
             triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = tile, warps, 1 << 20
-            wall, gpu = timed(fn, device, reps), kernel_time(fn, reps)
-            cells.append(f"{tile}/{warps or 'auto'}: {wall / floor:.1f} {gpu / floor:.2f}")
+            wall, times = timed(fn, device, reps), kernel_times(fn, reps)
+            # the per-pass split: the backward may prefer another shape than the forward (it
+            # reads the forward's per-group stats, so the two need not share one)
+            cells.append(f"{tile}/{warps or 'auto'}: {wall / floor:.1f} "
+                         f"{sum(times.values()) / floor:.2f} ({split(times)})")
     finally:
         triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = saved
     return "  ".join(cells)
@@ -223,7 +222,7 @@ def main() -> None:
             print(row, flush=True)
             if configs and cuda and str(dtype).removeprefix("torch.") in sweep_dtypes:
                 # printed as it goes: a bench cut off by a timeout keeps what it measured
-                print(f"  launch shapes (tile/warps: wall/floor GPU/floor; default "
+                print(f"  launch shapes (tile/warps: wall/floor GPU/floor (fwd/bwd/other ms); default "
                       f"{_default_config()}): " + sweep(ours, configs, floor, device, args.reps),
                       flush=True)
 
