@@ -52,6 +52,20 @@ def check_db(db_url: str) -> None:
     Store(db_url, readonly=True).engine.dispose()
 
 
+def check_port(port: int) -> None:
+    """Fails in one line when something already listens on 127.0.0.1:``port`` (Streamlit
+    would print its own complaint after ours announced the address)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise HarnessError(f"port {port} on 127.0.0.1 is in use; pass --port with a free "
+                               f"one") from None
+
+
 def command(db_url: str, port: int) -> list[str]:
     """The ``streamlit run`` argument list (no shell involved)."""
     return [sys.executable, "-m", "streamlit", "run", str(APP),
@@ -69,6 +83,7 @@ def launch(db_url: str, port: int = 8501) -> int:
     if not 0 < int(port) < 65536:
         raise HarnessError(f"port {port} is out of range; pass --port between 1 and 65535")
     check_db(db_url)
+    check_port(int(port))
     print(f"dashboard on http://127.0.0.1:{port} (read-only: {db_url}); Ctrl+C stops it",
           file=sys.stderr)
     proc = subprocess.Popen(command(db_url, port))

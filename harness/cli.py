@@ -28,13 +28,31 @@ def _ints(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}") from None
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """One ``error:`` line and exit 2 for bad arguments, like every other bad input (argparse
+    prints its whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("HARNESS_DB", DEFAULT_DB),
                    help=f"SQLAlchemy URL of the results database (default {DEFAULT_DB})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="harness", description="Quantize causal LMs to 3/2/1 bits and compare methods.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,12 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gen-data", help="generate (and cache) teacher continuations")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--new-tokens", type=int, default=None)
-    p.add_argument("--profile", choices=["quick", "full"], default=None)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--samples", type=_positive, default=None,
+                   help="continuations to generate (default: the profile's)")
+    p.add_argument("--new-tokens", type=_positive, default=None,
+                   help="tokens per continuation (default: the profile's)")
+    p.add_argument("--profile", choices=["quick", "full"], default=None,
+                   help="quick (CPU default) or full (GPU default)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
     p = sub.add_parser("dashboard", help="Streamlit dashboard on 127.0.0.1 (read-only)")
     p.add_argument("--port", type=int, default=8501)
@@ -130,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     with installed():  # SIGTERM stops like Ctrl-C; training checkpoints first
         try:
             return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+        except BrokenPipeError:
+            # the reader left (`harness list | head`): stop quietly, as the Python docs advise,
+            # pointing stdout at devnull so the interpreter's final flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code

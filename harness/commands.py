@@ -112,6 +112,7 @@ def cmd_run(args) -> int:
         specs, scheduler, name = exp.specs, args.scheduler or exp.scheduler, exp.name
     else:
         specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
+    _check_scheduler_flags(args, scheduler)
     check_output_dir(Path(args.output_dir))  # before the database or any run row is touched
     store = Store(args.db)
     if name:
@@ -148,6 +149,23 @@ def cmd_run(args) -> int:
         print(f"error: run {o.spec.run_key} ({o.spec.method}) failed: "
               f"{o.error.splitlines()[0]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_scheduler_flags(args, scheduler: str) -> None:
+    """Flags of one scheduler given to the other are refused, not silently ignored; the device
+    is checked here for inline runs (a Ray worker checks its own)."""
+    from harness.runner import pick_device
+
+    if scheduler != "ray":
+        ray_only = [flag for flag in ("--ray-address", "--gpus-per-run", "--cpus-per-run")
+                    if getattr(args, flag[2:].replace("-", "_"), None)]
+        if ray_only:
+            many = len(ray_only) > 1
+            raise HarnessError(f"{', '.join(ray_only)} only appl{'y' if many else 'ies'} to the "
+                               f"Ray scheduler; add --scheduler ray or drop "
+                               f"{'them' if many else 'it'}")
+    if getattr(args, "device", None):
+        pick_device(args.device, here=scheduler != "ray")
 
 
 def _announce(specs) -> None:

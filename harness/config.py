@@ -10,7 +10,14 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import HarnessError
 
@@ -26,6 +33,15 @@ class EvalSpec(BaseModel):
     max_tokens: int | None = Field(None, gt=0, description="cap on held-out tokens (None = all)")
     tasks: tuple[str, ...] = Field((), description="lm-eval tasks run after perplexity")
     limit: int | None = Field(None, gt=0, description="examples per task (quick checks)")
+
+    @model_validator(mode="after")
+    def _one_window_at_least(self):
+        # perplexity scores whole windows: fewer tokens than one would fail every run later
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens {self.max_tokens} (--max-eval-tokens) is less than one "
+                             f"window, seq_len {self.seq_len} (--seq-len); raise it or lower "
+                             f"the window")
+        return self
 
 
 class TrainDefaults(BaseModel):

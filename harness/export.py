@@ -10,6 +10,7 @@ model is the one the file was made from.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -151,20 +152,28 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
             raise HarnessError(f"run {run.run_key} uses {', '.join(dense_less)}, which has no "
                                f"dense Hugging Face form; use `harness export {run.run_key} DIR "
                                f"--packed` and evaluate it with `harness eval DIR`")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / PACKED_FILE]
-    shutil.copyfile(src, written[0])
-    if packed_only:
-        return written
-    model, tok, _meta = load_packed(src, model_name=run.model)
-    from harness.quant.modules import quantized_modules, replace_linears
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HarnessError(f"export folder {str(out_dir)!r} is a file; pass a folder")
+    started = time.time() - 1  # file times may be coarser than the clock
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out_dir / PACKED_FILE)
+        if not packed_only:
+            model, tok, _meta = load_packed(src, model_name=run.model)
+            from harness.quant.modules import quantized_modules, replace_linears
 
-    modules = dict(quantized_modules(model))
-    replace_linears(model, list(modules), lambda n, _m: modules[n].to_linear())
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    written.append(out_dir / "config.json")
-    return written
+            modules = dict(quantized_modules(model))
+            replace_linears(model, list(modules), lambda n, _m: modules[n].to_linear())
+            model.save_pretrained(out_dir, safe_serialization=True)
+            tok.save_pretrained(out_dir)
+    except OSError as exc:
+        raise HarnessError(f"cannot write the export to {str(out_dir)!r} "
+                           f"({exc.strerror or type(exc).__name__}); pass a writable folder") from None
+    if packed_only:
+        return [out_dir / PACKED_FILE]
+    # every file this export wrote: the packed file and the HF checkpoint's (config, weights,
+    # tokenizer), new or rewritten
+    return sorted(p for p in out_dir.iterdir() if p.is_file() and p.stat().st_mtime >= started)
 
 
 def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int | None = None,

@@ -63,8 +63,10 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
     try:
         eval_spec = EvalSpec(**eval_values)
     except ValidationError as exc:
-        raise HarnessError(format_validation_error(exc, "evaluation settings")
-                           + " (--seq-len, --max-eval-tokens, --limit must be > 0)") from None
+        msg = format_validation_error(exc, "evaluation settings")
+        if "greater than 0" in msg:
+            msg += " (--seq-len, --max-eval-tokens, --limit must be > 0)"
+        raise HarnessError(msg) from None
     if eval_spec.tasks:  # an unknown task fails here, before any model work
         from harness.eval.accuracy import check_task_names
 

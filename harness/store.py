@@ -135,8 +135,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _bad_db(url: str, why: str) -> HarnessError:
-    return HarnessError(f"database {url!r} is unusable ({why}); pass a writable "
+def _bad_db(url: str, why: str, readonly: bool = False) -> HarnessError:
+    kind = "an existing" if readonly else "a writable"
+    return HarnessError(f"database {url!r} is unusable ({why}); pass {kind} "
                         f"--db such as {DEFAULT_DB} or postgresql+psycopg://user@host/db")
 
 
@@ -149,7 +150,7 @@ def make_engine(url: str = DEFAULT_DB, readonly: bool = False) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise _bad_db(url, "not a SQLAlchemy URL") from None
+        raise _bad_db(url, "not a SQLAlchemy URL", readonly) from None
     connect_args: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
@@ -169,7 +170,7 @@ def make_engine(url: str = DEFAULT_DB, readonly: bool = False) -> Engine:
     try:
         engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
     except (NoSuchModuleError, ImportError, ArgumentError) as exc:
-        raise _bad_db(url, f"{type(exc).__name__}: {exc}") from None
+        raise _bad_db(url, f"{type(exc).__name__}: {exc}", readonly) from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -193,7 +194,7 @@ class Store:
                 pass
         except (OperationalError, SQLAlchemyError) as exc:
             reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise _bad_db(url, reason) from None
+            raise _bad_db(url, reason, readonly) from None
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

@@ -145,6 +145,19 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
                                "does not exist"),
         "dashboard missing db": (["dashboard", "--db", f"sqlite:///{root / 'none.db'}"],
                                  "no database at"),
+        "unknown device": ([*run, "--methods", "rtn", "--device", "tpu", *QUICK],
+                           "unknown device 'tpu'"),
+        "absent device": ([*run, "--methods", "rtn", "--device", "cuda:99", *QUICK],
+                          "--device cuda:99"),
+        "ray flag without ray": ([*run, "--methods", "rtn", "--gpus-per-run", "1", *QUICK],
+                                 "only applies to the Ray scheduler"),
+        "eval tokens below one window": ([*run, "--methods", "rtn", "--model", "tiny-llama",
+                                          "--max-eval-tokens", "100", "--seq-len", "128"],
+                                         "less than one window"),
+        "argument of the wrong type": ([*run, "--methods", "rtn", "--bits", "x"],
+                                       "expected integers"),
+        "gen-data samples 0": (["gen-data", "--samples", "0"], "positive whole number"),
+        "gen-data temperature 0": (["gen-data", "--temperature", "0"], "temperature above 0"),
     }
 
 
@@ -180,7 +193,9 @@ def test_at_least_twenty_distinct_bad_inputs(results):
     "model folder without config", "malformed yaml", "unknown yaml key", "unreachable database",
     "database not a url", "read-only output dir", "output dir is a file", "absurd batch",
     "eval window 0", "--set without =", "--set unknown key", "show missing run",
-    "show on missing db", "dashboard missing db",
+    "show on missing db", "dashboard missing db", "unknown device", "absent device",
+    "ray flag without ray", "eval tokens below one window", "argument of the wrong type",
+    "gen-data samples 0", "gen-data temperature 0",
 ])
 def test_bad_input_is_one_error_line_exit_2_and_no_run_row(results, name):
     argv, needle, db, res = results[name]

@@ -113,9 +113,12 @@ def generate_cli(args) -> int:
     from harness.models import load_model
     from harness.runner import pick_device
 
+    if args.temperature <= 0:
+        raise HarnessError(f"--temperature {args.temperature}: sampling needs a temperature "
+                           f"above 0 (default 0.7)")
     prof = get_profile(args.profile or default_profile()).train
-    samples = args.samples or prof.teacher_samples
-    new_tokens = args.new_tokens or prof.teacher_new_tokens
+    samples = prof.teacher_samples if args.samples is None else args.samples
+    new_tokens = prof.teacher_new_tokens if args.new_tokens is None else args.new_tokens
     model, tok = load_model(args.model, device=pick_device(args.device))
     seqs = teacher_sequences(args.model, lambda: model, tok, samples, new_tokens,
                              args.temperature, args.seed)

@@ -86,3 +86,19 @@ def test_bits_with_a_fixed_width_method_is_noted(capsys):
     _check_bits_apply(["fp", "rtn"], [2])
     _check_bits_apply(["onebit"], None)
     assert capsys.readouterr().err == ""
+
+
+def test_reader_leaving_the_pipe_is_no_traceback():
+    """`harness list | head`: the write that finds the pipe closed ends the command quietly."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from harness import cli, commands\n"
+            "def closed(args):\n"
+            "    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "commands.cmd_methods = closed\n"
+            "sys.exit(cli.main(['methods']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -36,6 +36,23 @@ def test_bad_url_and_port(tmp_path):
         launch.launch(f"sqlite:///{tmp_path / 'x.db'}", 70000)
 
 
+def test_port_in_use_is_one_line_before_streamlit_starts(monkeypatch, fake_db):
+    import socket
+
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: pytest.fail("Streamlit started"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(HarnessError, match=f"port {busy.getsockname()[1]} .* in use"):
+            launch.launch(fake_db[0], busy.getsockname()[1])
+
+
+def test_read_only_url_error_asks_for_an_existing_database():
+    with pytest.raises(HarnessError, match="pass an existing --db") as err:
+        launch.launch("bogus://x", 8501)
+    assert "writable" not in str(err.value)
+
+
 def test_launch_runs_streamlit(monkeypatch, fake_db):
     seen = {}
 

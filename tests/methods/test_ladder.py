@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,8 +221,10 @@ def test_export_and_eval_cli(cli, db_url, tmp_path):
     assert code == 0, err
     _, out, _ = cli("list", "--json", "--db", db_url)
     rtn = next(r for r in json.loads(out) if r["method"] == "rtn")
-    code, _, err = cli("export", rtn["run_key"], tmp_path / "hf", "--db", db_url)
+    code, out, err = cli("export", rtn["run_key"], tmp_path / "hf", "--db", db_url)
     assert code == 0, err
+    listed = {Path(p).name for p in out.split()}  # every file written, weights included
+    assert {"packed.safetensors", "config.json", "model.safetensors"} <= listed
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 2
     text = tmp_path / "t.txt"
@@ -249,6 +252,10 @@ def test_export_and_eval_cli(cli, db_url, tmp_path):
     assert code == 2 and "neither" in err and "Traceback" not in err
     code, _, err = cli("eval", rtn["run_key"], "--seq-len", "0", "--db", db_url)
     assert code == 2 and "--seq-len 0" in err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, _, err = cli("export", rtn["run_key"], a_file, "--db", db_url)
+    assert code == 2 and "is a file" in err and "Traceback" not in err
 
 
 def test_eval_refuses_a_packed_file_of_another_model(cli, db_url, tmp_path):
