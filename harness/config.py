@@ -104,6 +104,10 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
+#: Training settings that change when a run logs and checkpoints, never what it computes.
+WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every")
+
+
 class RunSpec(BaseModel):
     """Everything that determines a run's result. Its hash is the run's identity."""
 
@@ -127,7 +131,20 @@ class RunSpec(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        """sha256 of the spec with the training settings that only say when the run writes
+        (:data:`WRITE_ONLY_TRAIN_KEYS`) at their defaults: runs differing in them compute the
+        same thing, so a rerun with another ``checkpoint_every`` resumes or reuses the run.
+        Hashing the defaults, not dropping the keys, keeps earlier runs' hashes."""
+        data = self.model_dump(mode="json")
+        train = data["config"].get("train")
+        if isinstance(train, dict):
+            from harness.train.config import TrainConfig
+
+            for key in WRITE_ONLY_TRAIN_KEYS:
+                if key in train:
+                    train[key] = TrainConfig.model_fields[key].default
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"))
+                              .encode()).hexdigest()
 
     @property
     def run_key(self) -> str:

@@ -14,6 +14,20 @@ def test_spec_hash_is_stable_and_sensitive():
     assert len(a.run_key) == 12
 
 
+def test_when_a_run_writes_is_not_part_of_its_identity():
+    import hashlib
+
+    base = build_spec("tiny-llama", "qat", {"bits": 3}, "quick", 0, in_features=IN)
+    other = build_spec("tiny-llama", "qat", {"bits": 3, "train": {"checkpoint_every": 7,
+                                                                  "log_every": 5}},
+                       "quick", 0, in_features=IN)
+    longer = build_spec("tiny-llama", "qat", {"bits": 3, "train": {"steps": 41}}, "quick", 0,
+                        in_features=IN)
+    assert other.spec_hash() == base.spec_hash() != longer.spec_hash()
+    # at the defaults the hash is the plain one runs stored before (their keys stay valid)
+    assert base.spec_hash() == hashlib.sha256(base.canonical_json().encode()).hexdigest()
+
+
 def test_auto_group_size_and_explicit_equivalent():
     auto = build_spec("tiny-llama", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
     explicit = build_spec("tiny-llama", "rtn", {"bits": 3, "group_size": 64}, "quick", 0,

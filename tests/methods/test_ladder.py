@@ -75,6 +75,9 @@ def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing duplicated
     [third] = execute([spec], store, tmp_path)
     assert third.status == "skipped"
+    # checkpointing more or less often computes the same run: reused, not rerun
+    [fourth] = execute([_spec("qat", train={**TRAIN, "checkpoint_every": 3})], store, tmp_path)
+    assert fourth.status == "skipped" and fourth.run_id == first.run_id
 
 
 @pytest.mark.parametrize("bad", [3, 4])
