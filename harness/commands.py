@@ -113,6 +113,8 @@ def cmd_run(args) -> int:
     else:
         specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
     _check_scheduler_flags(args, scheduler)
+    if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
+        _check_task_data(specs)
     check_output_dir(Path(args.output_dir))  # before the database or any run row is touched
     store = Store(args.db)
     if name:
@@ -166,6 +168,17 @@ def _check_scheduler_flags(args, scheduler: str) -> None:
                                f"{'them' if many else 'it'}")
     if getattr(args, "device", None):
         pick_device(args.device, here=scheduler != "ray")
+
+
+def _check_task_data(specs) -> None:
+    """A standard lm-eval suite without cached data fails here, not after every run's PPL."""
+    from harness.config import OFFLINE_TASKS
+
+    tasks = sorted({t for spec in specs for t in spec.eval.tasks})
+    if any(t not in OFFLINE_TASKS for t in tasks):
+        from harness.errors import require_module
+
+        require_module("harness.eval.accuracy", "--tasks").check_task_data(tasks)
 
 
 def _announce(specs) -> None:

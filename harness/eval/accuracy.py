@@ -90,6 +90,23 @@ def _load_checked(task_manager, names: tuple[str, ...]) -> None:
             ) from None
 
 
+def check_task_data(tasks) -> None:
+    """Fails before any run when a requested standard suite's dataset is not cached (offline
+    tasks always are); without standard suites it costs nothing.
+
+    Raises:
+        HarnessError: as :func:`check_task_names`, or a suite whose data is missing.
+    """
+    names = check_task_names(tasks)
+    if all(n in OFFLINE_TASKS for n in names):
+        return
+    _offline_env()
+    _quiet_loggers()
+    with contextlib.redirect_stderr(io.StringIO()):
+        task_manager = _task_manager(names)
+    _load_checked(task_manager, names)
+
+
 def evaluate_tasks(model, tokenizer, tasks, limit: int | None, recorder,
                    batch_size: int | None = None, verbose: bool = False) -> dict[str, float]:
     """Runs lm-eval ``tasks`` on ``model`` and records per-task metrics.

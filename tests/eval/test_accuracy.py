@@ -1,6 +1,7 @@
 """Offline lm-eval tasks: data builder (harness/eval/task_data.py) and harness/eval/accuracy.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -133,6 +134,22 @@ def test_cli_bad_task_is_exit_2_one_line(cli, db_url):
     assert code == 2
     assert err.startswith("error: ") and "shakespeare_cloze" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_uncached_standard_suite_fails_before_any_run(cli, db_url, tmp_path, monkeypatch):
+    """Checked once up front (it used to surface after every run's PPL, as failed runs)."""
+    from harness.eval import accuracy
+
+    def offline(task_manager, names):
+        assert "piqa" in names
+        raise HarnessError("task 'piqa': its dataset is not available offline (...)")
+
+    monkeypatch.setattr(accuracy, "_task_manager", lambda names: object())  # no indexing
+    monkeypatch.setattr(accuracy, "_load_checked", offline)
+    code, _, err = cli("run", "--methods", "rtn", "--model", "tiny-llama", "--tasks",
+                       "shakespeare_cloze,piqa", "--db", db_url, "--output-dir", tmp_path / "r")
+    assert code == 2 and "not available offline" in err and "Traceback" not in err
+    assert not Path(db_url.removeprefix("sqlite:///")).exists()  # no run row, no database
 
 
 def test_standard_suite_without_cached_data_names_the_fix():
