@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="quantize, evaluate and store runs")
     p.add_argument("experiment", nargs="?", help="experiment YAML file (grid of runs)")
-    p.add_argument("--methods", type=_csv, help="comma list, e.g. rtn,bitdistiller,onebit")
+    p.add_argument("--methods", type=_csv, help="comma list, e.g. rtn,bitdistiller,onebit; "
+                   "with an experiment file, only these of its methods run")
     p.add_argument("--model", default=None, help="smollm2-135m (default), tiny-llama, HF id or path")
     p.add_argument("--bits", type=_ints, help="weight bits, comma list allowed (e.g. 3,2)")
     p.add_argument("--group-size", type=int, default=None,

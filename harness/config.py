@@ -196,7 +196,18 @@ def validate_method_config(method_cls, values: dict[str, Any]):
     try:
         return method_cls.Config(**values)
     except ValidationError as exc:
-        fields = ", ".join(method_cls.Config.model_fields)
+        # an unknown key lists the keys valid where it was found (train.* for train.seqlen)
+        unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+        where = unknown[0][:-1] if unknown else ()
+        model, prefix = method_cls.Config, ""
+        for part in where:
+            nested = model.model_fields.get(str(part))
+            sub = getattr(nested, "annotation", None) if nested else None
+            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+                model, prefix = method_cls.Config, ""
+                break
+            model, prefix = sub, f"{prefix}{part}."
+        fields = ", ".join(prefix + f for f in model.model_fields)
         raise HarnessError(
             format_validation_error(exc, f"{method_cls.name} config")
             + f" (valid keys: {fields})"

@@ -154,6 +154,9 @@ def read_experiment_file(path: str | Path) -> ExperimentFile:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise HarnessError(f"{path}: malformed YAML{at}: {problem}") from None
+    if raw is None:
+        raise HarnessError(f"{path} is empty; write a mapping of keys (name, model, methods, "
+                           f"grid, ...), e.g. as experiments/smoke.yaml")
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of keys (name, model, methods, grid, ...), "
                            f"got {type(raw).__name__}")
@@ -233,7 +236,10 @@ def expand(file: ExperimentFile, path: Path, cli_args=None, check_model: bool = 
                                f"{', '.join(methods)})")
         methods = {m: methods[m] for m in flag("methods")}
     for m in methods:
-        get_method(m)  # unknown method: one line listing the registered ones
+        try:
+            get_method(m)  # unknown method: one line listing the registered ones
+        except HarnessError as exc:
+            raise HarnessError(f"{path}: methods.{m}: {exc}") from None
 
     grid = dict(file.grid)
     if flag("bits"):

@@ -61,6 +61,12 @@ def test_unknown_method_config_key_names_valid_keys(tmp_path):
         load_experiment(write(tmp_path, TINY.replace("rtn: {}", "rtn: {bitz: 2}")))
 
 
+def test_unknown_nested_key_lists_the_keys_of_its_block(tmp_path):
+    with pytest.raises(HarnessError, match=r"'train\.seqlen'.*valid keys: train\.steps, "
+                       r"train\.batch_size, train\.seq_len"):
+        load_experiment(write(tmp_path, TINY.replace("{steps: 2}", "{seqlen: 2}")))
+
+
 def test_grid_axis_no_method_has(tmp_path):
     with pytest.raises(HarnessError, match="grid axis loss"):
         load_experiment(write(tmp_path, TINY.replace("qat: {train: {steps: 2}}", "clip: {}")
@@ -74,10 +80,12 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_experiment(tmp_path / "nope.yaml")
     with pytest.raises(HarnessError, match="expected a mapping"):
         load_experiment(write(tmp_path, "- rtn\n"))
+    with pytest.raises(HarnessError, match="exp.yaml is empty"):
+        load_experiment(write(tmp_path, "# nothing yet\n"))
 
 
 def test_unknown_method(tmp_path):
-    with pytest.raises(HarnessError, match="rtm"):
+    with pytest.raises(HarnessError, match=r"exp\.yaml: methods\.rtm: unknown method 'rtm'"):
         load_experiment(write(tmp_path, TINY.replace("rtn: {}", "rtm: {}")))
 
 
