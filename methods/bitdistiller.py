@@ -8,10 +8,10 @@ repository's computation). Defaults follow the paper: 3-bit NF3 asym, 2-bit INT 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from harness.models import no_cache
 from harness.registry import register_method
@@ -22,27 +22,19 @@ GAMMA_BATCHES = 11  # the reference code averages its estimate over 11 batches
 
 
 class BitDistillerConfig(QATConfig):
-    fmt: Literal["int", "nf3"] = "nf3"
     loss: str = "cakld"
-    data: Literal["corpus", "teacher"] = "teacher"
-    gamma: Literal["paper", "code"] | float = Field(
+    gamma: Literal["paper", "code"] | Annotated[float, Field(ge=0, le=1)] = Field(
         "paper", description="CAKLD mixing: paper, code, or a fixed value in [0, 1]")
     train: TrainConfig = TrainConfig(lr=1e-5)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _paper_format(cls, values):
-        # Paper defaults: NF3 for 3 bits, INT asym otherwise, unless the user chose a format.
-        if isinstance(values, dict) and "fmt" not in values:
-            values = dict(values, fmt="nf3" if values.get("bits", 3) == 3 else "int")
-        return values
-
 
 @torch.no_grad()
-def estimate_gamma(variant: str, ctx, batch_size: int) -> float:
+def estimate_gamma(variant: str, ctx, batch_size: int, data_kind: str = "teacher") -> float:
+    """gamma from the teacher's probabilities on the run's own training data (``data_kind``),
+    over its first ``GAMMA_BATCHES`` batches: the reference code's sample, for both variants."""
     from harness.train.losses import gamma_code, gamma_paper
 
-    data = ctx.train_batches("teacher")
+    data = ctx.train_batches(data_kind)
     teacher = ctx.teacher()
     logits = []
     for i in range(min(GAMMA_BATCHES, max(1, data.size(0) // batch_size))):
@@ -64,7 +56,7 @@ class BitDistiller(QAT):
         if self.config.loss == "cakld":
             g = self.config.gamma
             gamma = float(g) if isinstance(g, float) else estimate_gamma(
-                g, ctx, self.config.train.batch_size)
+                g, ctx, self.config.train.batch_size, self.config.data)
         objective = make_objective(self.config, ctx, gamma)
         if gamma is not None:
             objective.metrics["cakld_gamma"] = gamma

@@ -19,7 +19,10 @@ class QATConfig(ClipConfig):
     loss: str = Field("ce", description="ce, fkl, rkl, jsd, tlsd or cakld")
     loss_params: dict[str, float] = Field(default_factory=dict,
                                           description="extra loss arguments, e.g. {beta: 0.5}")
-    data: Literal["corpus", "teacher"] = "corpus"
+    # BitDistiller's data (METHODS.md: "the same data"), so that qat -> bitdistiller changes
+    # the loss alone; corpus = the training plays, the evaluation's own domain
+    data: Literal["corpus", "teacher"] = Field("teacher", description="teacher (continuations "
+                                               "the FP model generates) or corpus")
     train: TrainConfig = TrainConfig(lr=1e-5)
 
     @field_validator("loss")

@@ -21,11 +21,25 @@ class WeightQuantConfig(MethodConfig):
     dimension, else the largest of 64/32 that does; the planner resolves it before the run.
     """
 
-    fmt: Literal["int", "nf3"] = "int"
+    fmt: Literal["int", "nf3"] = Field(
+        "int", description="int or nf3; unset: nf3 at 3 bits (BitDistiller's 3-bit format; "
+        "int if symmetric), int otherwise")
     bits: int = Field(3, ge=1, le=8, description="weight bits (1-8)")
     group_size: int | None = Field(None, description="group along inputs; -1 = per row")
     symmetric: bool = False
     detach_scales: bool = Field(False, description="stop gradients into scales/zeros (QAT)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ladder_format(cls, values):
+        # One default format per width for every rung (rtn -> clip -> qat -> bitdistiller), so
+        # that a ladder run at one width changes one thing per rung: BitDistiller's paper
+        # formats, NF3 at 3 bits and INT asymmetric otherwise. An explicit fmt always wins.
+        if isinstance(values, dict) and "fmt" not in values:
+            bits = values.get("bits", cls.model_fields["bits"].default)
+            symmetric = values.get("symmetric", cls.model_fields["symmetric"].default)
+            values = dict(values, fmt="nf3" if bits == 3 and not symmetric else "int")
+        return values
 
     @model_validator(mode="after")
     def _check_format(self):

@@ -29,6 +29,9 @@ class QuantFormat(BaseModel):
             from harness.quant.primitives import SYM1_ERROR
 
             raise ValueError(SYM1_ERROR)
+        if self.fmt == "nf3" and self.symmetric:
+            raise ValueError("nf3 is asymmetric by construction (max and |min| scale each "
+                             "side); drop symmetric or use fmt=int")
         if self.fmt == "nf3" and self.bits != 3:
             raise ValueError(f"nf3 is a 3-bit format (got bits={self.bits}); use fmt=int for "
                              f"{self.bits} bits")

@@ -56,8 +56,14 @@ def _cache_path(key: str) -> Path:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float,
              seed: int, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """Samples continuations; returns ``[n, prompt + new_tokens]`` (EOS-padded where a sample
-    ended early)."""
+    """Samples continuations; returns ``[n, prompt + new_tokens]``.
+
+    End-of-sequence is suppressed until ``new_tokens`` (``min_new_tokens``): training takes
+    fixed-length blocks, so a sample goes on where the teacher would have stopped instead of
+    being padded (the reference generates up to 1024 tokens and stops at EOS). Sampling is pure
+    temperature 0.7 over the whole vocabulary, as METHODS.md states; the reference's Hugging
+    Face defaults also truncate to the 50 most likely tokens (top_k=50), which this does not.
+    """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out = []
