@@ -80,3 +80,19 @@ def test_bitdistiller_paper_formats():
     with pytest.raises(HarnessError):
         build_spec("tiny-llama", "bitdistiller", {"bits": 2, "fmt": "nf3"}, "quick", 0,
                    in_features=IN)
+
+
+@pytest.mark.parametrize("method", ["rtn", "clip", "qat", "bitdistiller"])
+def test_every_rung_of_the_ladder_shares_format_and_data(method):
+    """At one width the ladder changes one thing per rung: the same format everywhere (NF3 at
+    3 bits, INT otherwise) and, for the trained rungs, the same teacher-generated data."""
+    def spec(**over):
+        return build_spec("tiny-llama", method, over, "quick", 0, in_features=IN)
+
+    assert spec(bits=3).fmt == "nf3" and spec(bits=2).fmt == "int" and spec(bits=4).fmt == "int"
+    assert spec(bits=3, fmt="int").fmt == "int"  # an explicit format wins
+    assert spec(bits=3, symmetric=True).fmt == "int"  # NF3 has no symmetric form
+    with pytest.raises(HarnessError, match="asymmetric by construction"):
+        spec(bits=3, fmt="nf3", symmetric=True)
+    if method in ("qat", "bitdistiller"):
+        assert spec(bits=3).config["data"] == "teacher"

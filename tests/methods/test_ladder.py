@@ -327,6 +327,7 @@ def test_onebit_run_evaluates_and_exports_packed_through_the_cli(cli, db_url, tm
 @pytest.mark.parametrize("over,needle", [
     ({"loss": "klx"}, "unknown loss"),
     ({"gamma": "papr"}, "gamma"),
+    ({"gamma": 1.5}, "gamma"),
     ({"train": {"lr": -1}}, "lr"),
     ({"train": {"steps": 0}}, "steps"),
 ])
@@ -339,3 +340,29 @@ def test_bad_training_config(over, needle):
         from harness.train.losses import get_loss
 
         get_loss(spec.config["loss"])
+
+
+def test_gamma_is_estimated_on_the_runs_own_training_data():
+    """METHODS.md: the mean teacher probability of the training data's tokens, so a run on the
+    corpus estimates it on the corpus (it used to always take teacher-generated data)."""
+    from methods.bitdistiller import estimate_gamma
+
+    asked = []
+
+    class Ctx:
+        device = torch.device("cpu")
+
+        def train_batches(self, kind):
+            asked.append(kind)
+            return torch.randint(0, 50, (8, 16))
+
+        def teacher(self):
+            def model(ids, **_):
+                class Out:
+                    logits = torch.zeros(ids.size(0), ids.size(1), 50)
+                return Out()
+            model.config = None
+            return model
+
+    gamma = estimate_gamma("paper", Ctx(), 4, "corpus")
+    assert asked == ["corpus"] and gamma == pytest.approx(1 / 50)  # uniform teacher
