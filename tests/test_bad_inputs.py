@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--model", "tiny-llama", "--max-eval-tokens", "256", "--seq-len", "128", "--tasks", ""]
 TRAIN = ["--set", "train.steps=2", "--set", "train.seq_len=32", "--set", "train.batch_size=1",
          "--set", "calib_samples=2", "--set", "calib_seq_len=32", "--set", "clip_tokens=32",
-         "--set", "clip_grid=2"]
+         "--set", "clip_grid=2", "--set", "data=corpus"]
 LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152,
                 "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -27,7 +27,7 @@ ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--max-eval-tokens",
         "--seq-len", "128", "--tasks", "", "--set", f"train.steps={STEPS}",
         "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
         "--set", "train.batch_size=1", "--set", "calib_samples=2", "--set", "calib_seq_len=32",
-        "--set", "clip_tokens=32", "--set", "clip_grid=2"]
+        "--set", "clip_tokens=32", "--set", "clip_grid=2", "--set", "data=corpus"]
 
 WRAPPER = r'''
 import os, signal, sys

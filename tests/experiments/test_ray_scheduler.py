@@ -72,6 +72,7 @@ methods:
     calib_samples: 1
     calib_seq_len: 32
     clip: false
+    data: corpus       # teacher data is bitdistiller's alone here: generated once, shared
     train: {steps: 30, batch_size: 1, seq_len: 32, checkpoint_every: 3}
   bitdistiller:
     calib_samples: 1
