@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str | None = None, here: bool = True) -> torch.device:
-    """``requested`` (cpu, cuda, cuda:N), else CUDA where available, else the CPU.
+    """``requested`` (cpu, cuda, cuda:N, or another torch device), else CUDA where available,
+    else the CPU.
 
     Args:
         here: the device is for this machine (not a Ray worker's): check it exists.
@@ -43,8 +44,9 @@ def pick_device(requested: str | None = None, here: bool = True) -> torch.device
         if dev.index is not None and dev.index >= n:
             raise HarnessError(f"--device {requested}: this machine has {n} GPU(s); use "
                                f"cuda:0 to cuda:{n - 1}")
-    elif dev.type != "cpu":
-        raise HarnessError(f"--device {requested}: only cpu and cuda are supported")
+    elif dev.type == "mps" and here and not torch.backends.mps.is_available():
+        raise HarnessError(f"--device {requested}: this machine has no Apple GPU; use --device "
+                           f"cpu")
     return dev
 
 
