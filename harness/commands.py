@@ -199,17 +199,21 @@ def _print_eval_note(specs) -> None:
 
 
 def cmd_methods(args) -> int:
+    from pydantic import ValidationError
+
     from harness.registry import METHODS, get_method
 
     rows = []
     for name in METHODS.names():
         cls = get_method(name)
-        fields = {}
-        for fname, field in cls.Config.model_fields.items():
-            default = field.default if field.default_factory is None else field.default_factory()
-            if hasattr(default, "model_dump"):
-                default = default.model_dump()
-            fields[fname] = default
+        try:  # the defaults as a run gets them: validators fill some (fmt follows bits)
+            fields = cls.Config().model_dump(mode="json")
+        except ValidationError:  # a plugin config with required fields: the declared ones
+            fields = {}
+            for fname, field in cls.Config.model_fields.items():
+                default = (field.default if field.default_factory is None
+                           else field.default_factory())
+                fields[fname] = default.model_dump() if hasattr(default, "model_dump") else default
         rows.append({"name": name, "description": cls.summary(), "config": fields})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))

@@ -61,6 +61,7 @@ def test_methods_lists_fields(cli):
     rows = {r["name"]: r for r in json.loads(out)}
     assert {"fp", "rtn", "clip", "qat", "bitdistiller", "onebit"} <= set(rows)
     assert rows["rtn"]["config"]["bits"] == 3
+    assert rows["rtn"]["config"]["fmt"] == "nf3"  # what a run at the default 3 bits gets
     assert rows["bitdistiller"]["config"]["loss"] == "cakld"
 
 
