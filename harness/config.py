@@ -104,6 +104,10 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
+def _canonical(data: dict) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
 #: Training settings that change when a run logs and checkpoints, never what it computes.
 WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every")
 
@@ -128,7 +132,7 @@ class RunSpec(BaseModel):
         return v
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return _canonical(self.model_dump(mode="json"))
 
     def spec_hash(self) -> str:
         """sha256 of the spec with the training settings that only say when the run writes
@@ -143,8 +147,7 @@ class RunSpec(BaseModel):
             for key in WRITE_ONLY_TRAIN_KEYS:
                 if key in train:
                     train[key] = TrainConfig.model_fields[key].default
-        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"))
-                              .encode()).hexdigest()
+        return hashlib.sha256(_canonical(data).encode()).hexdigest()
 
     @property
     def run_key(self) -> str:

@@ -23,18 +23,16 @@ class QuantFormat(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self):
-        if self.fmt == "int" and not 1 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits} is outside 1-8 for integer formats; pick 1..8")
-        if self.fmt == "int" and self.symmetric and self.bits == 1:
-            from harness.quant.primitives import SYM1_ERROR
+        if self.fmt in ("int", "nf3"):  # the quantizers' own rules, one source for both
+            from harness.quant.primitives import _check
 
-            raise ValueError(SYM1_ERROR)
+            try:
+                _check(self.fmt, self.bits, self.symmetric)
+            except HarnessError as exc:
+                raise ValueError(str(exc)) from None
         if self.fmt == "nf3" and self.symmetric:
             raise ValueError("nf3 is asymmetric by construction (max and |min| scale each "
                              "side); drop symmetric or use fmt=int")
-        if self.fmt == "nf3" and self.bits != 3:
-            raise ValueError(f"nf3 is a 3-bit format (got bits={self.bits}); use fmt=int for "
-                             f"{self.bits} bits")
         if self.fmt == "binary" and self.bits != 1:
             raise ValueError("binary is a 1-bit format; set bits=1")
         if self.group_size != -1 and self.group_size <= 0:
