@@ -59,28 +59,37 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps: int) -> float:
+def timed(fn, device, reps: int, rounds: int = 1) -> float:
+    """Wall seconds per call: the fastest of ``rounds`` rounds of ``reps`` calls. A lone CUDA
+    call takes ~0.2 ms, so one round of 20 is ~4 ms and one stall (a clock change, the
+    allocator, the OS) moved it by 0.1-0.3 ms per call (H100, 2026-11-27: the same call read
+    0.25 and 0.50 ms in one run); the fastest round is the one no stall hit."""
     fn()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / reps
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
 
 
-def host_time(fn, device, reps: int) -> float:
+def host_time(fn, device, reps: int, rounds: int = 1) -> float:
     """Seconds the host spends per call: the calls return as soon as their work is queued, so
     timing up to the last return (not the sync) gives the host's share. Equal to the wall time
-    when the host, not the GPU, is the bottleneck."""
+    when the host, not the GPU, is the bottleneck. Fastest of ``rounds`` rounds."""
     fn()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = time.perf_counter() - start
-    _sync(device)
-    return host / reps
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+        _sync(device)
+    return best
 
 
 def kernel_times(fn, reps: int) -> dict[str, float]:
@@ -135,7 +144,8 @@ def _default_config() -> str:
     return f"{triton_fq.TILE}/{triton_fq.WARPS or 'auto'}"
 
 
-def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int) -> str:
+def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int,
+          rounds: int) -> str:
     """Wall and kernel time of ``fn`` at each launch shape, as ratios to the floor. Rows per
     program are uncapped here, so a tile means the same elements for every group size."""
     from harness.quant import triton_fq
@@ -145,7 +155,7 @@ def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int) -
     try:
         for tile, warps in configs:
             triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = tile, warps, 1 << 20
-            wall, times = timed(fn, device, reps), kernel_times(fn, reps)
+            wall, times = timed(fn, device, reps, rounds), kernel_times(fn, reps)
             # the per-pass split: the backward may prefer another shape than the forward (it
             # reads the forward's per-group stats, so the two need not share one)
             cells.append(f"{tile}/{warps or 'auto'}: {wall / floor:.1f} "
@@ -153,6 +163,83 @@ def sweep(fn, configs: list[tuple[int, int]], floor: float, device, reps: int) -
     finally:
         triton_fq.TILE, triton_fq.WARPS, triton_fq.MAX_ROWS = saved
     return "  ".join(cells)
+
+
+def host_breakdown(w: torch.Tensor, grad: torch.Tensor, fmt: str, bits: int, group: int,
+                   reps: int, rounds: int) -> str:
+    """CUDA: where a lone fwd+bwd call's host time goes, in microseconds per call (fastest
+    round), each part timed on its own:
+      fwd/bwd launch: one Triton launch through ``kernel[grid](...)`` (binder, cache key,
+        launch), outputs preallocated;
+      direct: the same forward through the compiled kernel's own launcher (no binder; Triton's
+        internal API, "n/a" where this Triton lacks it);
+      Function: an autograd Function doing no kernel work (an ``empty_like`` each way), fwd+bwd
+        through the engine: what any custom op pays;
+      forward: ``fake_quantize`` with the graph recorded, no backward;
+      fwd+bwd: the bench's call."""
+    from harness.quant import triton_fq as tfq
+
+    dev = w.device
+    mode = tfq.MODE_NF3 if fmt == "nf3" else tfq.MODE_ASYM
+    cfg = tfq._launch_config(False, group, mode, bits, False)
+    n = w.numel() // group
+    even = tfq._even(n, cfg)
+    grid = (triton_cdiv(n, cfg["BLOCK_R"]),)
+    out, gx = torch.empty_like(w), torch.empty_like(w)
+    stats = torch.empty(n, 2, device=dev, dtype=torch.float32)
+    wd = w.detach()
+
+    def fwd():
+        tfq._fq_fwd[grid](wd, out, stats, n, SAVE=True, EVEN=even, **cfg)
+
+    def bwd():
+        tfq._fq_bwd[grid](wd, grad, gx, stats, n, DETACH=False, EVEN=even, **cfg)
+
+    class Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.empty_like(g)
+
+    def noop():
+        w.grad = None
+        Noop.apply(w).backward(grad)
+
+    def forward_only():
+        fake_quantize(w, fmt, bits, group)
+
+    def ours():
+        w.grad = None
+        fake_quantize(w, fmt, bits, group).backward(grad)
+
+    parts = {"fwd launch": fwd, "bwd launch": bwd}
+    try:
+        kernel = tfq._fq_fwd[grid](wd, out, stats, n, SAVE=True, EVEN=even, **cfg)
+        runner = kernel[grid]
+        # every parameter in signature order, constexprs included (what ``run`` passes on)
+        args = (wd, out, stats, n, cfg["G"], cfg["BLOCK_G"], cfg["BLOCK_R"], cfg["MODE"],
+                cfg["QMIN"], cfg["QMAX"], cfg["FP16_SCALE"], True, cfg["BIG"], even)
+        runner(*args)
+        torch.cuda.synchronize()
+        parts["direct"] = lambda: runner(*args)
+    except Exception as exc:  # internal API: report, do not fail the bench
+        parts["direct"] = None
+        direct_error = f"{type(exc).__name__}: {exc}"[:80]
+    parts.update({"Function": noop, "forward": forward_only, "fwd+bwd": ours})
+    cells = []
+    for name, fn in parts.items():
+        if fn is None:
+            cells.append(f"{name} n/a ({direct_error})")
+        else:
+            cells.append(f"{name} {host_time(fn, dev, reps, rounds) * 1e6:.0f}")
+    return ", ".join(cells)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
@@ -167,7 +254,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=None,
+                    help="calls per timed round (default 50 on CUDA, 20 on the CPU)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed rounds, the fastest kept (default 5 on CUDA, 1 on the CPU)")
+    ap.add_argument("--no-host-breakdown", action="store_true",
+                    help="CUDA: skip the per-case line of host microseconds per part")
     ap.add_argument("--configs", default="", help="CUDA: also time the Triton kernels at these "
                     "launch shapes, comma list of TILE or TILE/WARPS (elements and warps per "
                     "program), e.g. 4096/4,8192/8,16384/8")
@@ -178,10 +270,12 @@ def main() -> None:
     configs = parse_configs(args.configs or args.tiles)
     sweep_dtypes = set(args.sweep_dtypes.split(","))
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    reps = args.reps or (50 if cuda else 20)
+    rounds = args.rounds or (5 if cuda else 1)
     bw = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"weight {args.rows}x{args.cols}, copy bandwidth {bw / 1e9:.1f} GB/s")
-    cuda = device.type == "cuda"
     print(f"{'dtype':9s} {'format':10s} {'ref ms':>9s} {'ours ms':>9s} {'floor ms':>9s} "
           f"{'ref/floor':>9s} {'ours/floor':>10s} {'ref/ours':>8s} {'ours/mul':>8s}"
           + (f" {'host ms':>7s} {'ours GPU ms':>11s} {'GPU/floor':>9s}  fwd/bwd/other ms"
@@ -195,10 +289,10 @@ def main() -> None:
             w.grad = None
             (w * 1.0).backward(grad)
 
-        t_mul = timed(mul, device, args.reps)
+        t_mul = timed(mul, device, reps, rounds)
         print(f"{str(dtype).removeprefix('torch.')}: w * 1.0, fwd+bwd (one autograd op moving "
               f"the floor's bytes): {t_mul * 1e3:.3f} ms = {t_mul / floor:.1f}x the floor"
-              + (f", host {host_time(mul, device, args.reps) * 1e3:.3f} ms per call"
+              + (f", host {host_time(mul, device, reps, rounds) * 1e3:.3f} ms per call"
                  if cuda else ""), flush=True)
         for fmt, bits, group in CASES:
             def ref(w=w, fmt=fmt, bits=bits, group=group, grad=grad):
@@ -209,21 +303,24 @@ def main() -> None:
                 w.grad = None
                 fake_quantize(w, fmt, bits, group).backward(grad)
 
-            t_ref, t_ours = timed(ref, device, args.reps), timed(ours, device, args.reps)
+            t_ref, t_ours = timed(ref, device, reps, rounds), timed(ours, device, reps, rounds)
             name = f"{fmt if fmt == 'nf3' else fmt + str(bits)} g{group}"
             row = (f"{str(dtype).removeprefix('torch.'):9s} {name:10s} {t_ref * 1e3:9.1f} "
                    f"{t_ours * 1e3:9.1f} {floor * 1e3:9.2f} {t_ref / floor:9.1f} "
                    f"{t_ours / floor:10.1f} {t_ref / t_ours:8.2f} {t_ours / t_mul:8.2f}")
             if cuda:
-                times = kernel_times(ours, args.reps)
+                times = kernel_times(ours, reps)
                 k = sum(times.values())
-                row += (f" {host_time(ours, device, args.reps) * 1e3:7.3f} {k * 1e3:11.3f} "
+                row += (f" {host_time(ours, device, reps, rounds) * 1e3:7.3f} {k * 1e3:11.3f} "
                         f"{k / floor:9.1f}  {split(times)}")
             print(row, flush=True)
+            if cuda and not args.no_host_breakdown:
+                print("  host us per call: " + host_breakdown(w, grad, fmt, bits, group, reps,
+                                                                rounds), flush=True)
             if configs and cuda and str(dtype).removeprefix("torch.") in sweep_dtypes:
                 # printed as it goes: a bench cut off by a timeout keeps what it measured
                 print(f"  launch shapes (tile/warps: wall/floor GPU/floor (fwd/bwd/other ms); default "
-                      f"{_default_config()}): " + sweep(ours, configs, floor, device, args.reps),
+                      f"{_default_config()}): " + sweep(ours, configs, floor, device, reps, rounds),
                       flush=True)
 
 
