@@ -31,7 +31,7 @@ from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
-from harness.train.trainer import _compiled_decoders, _forward, _optimizer_step
+from harness.train.trainer import _compiled_decoders, _forward, _optimizer_step, optimizer_groups
 from methods.base import ObjectiveInputs
 from methods.onebit import OneBit
 
@@ -95,7 +95,8 @@ def step_time(student, teacher, ids, steps: int, device, profile: bool) -> tuple
     the host, both forwards, OneBit's loss, backward, clipping at the default 1.0, AdamW), each
     loss read after the next step is dispatched, as the trainer reads them; and peak MB."""
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(optimizer_groups(student, 0.01), lr=1e-5, betas=(0.9, 0.98),
+                            weight_decay=0.01)  # the trainer's groups: norms not decayed
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = TrainConfig(steps=steps, batch_size=ids.size(0), seq_len=ids.size(1))
     data, amp = ids.cpu(), training_autocast(device)

@@ -27,7 +27,8 @@ class TrainConfig(BaseModel):
     lr: float = Field(8e-6, gt=0, description="peak learning rate")
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled decay; biases and "
+                                "norm weights are exempt, as in Hugging Face's Trainer")
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="write train_steps every N steps")

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -38,6 +39,37 @@ def freeze_embeddings(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# Hugging Face Trainer's rule (get_decay_parameter_names), which the papers' code trains with:
+# biases and normalization weights are not decayed, everything else (linears, OneBit's value
+# vectors) is. Decaying a norm's gain pulls the layer's output scale towards zero.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters that weight decay leaves alone: biases, and the parameters of any
+    normalization module (by type, e.g. LlamaRMSNorm, or by name)."""
+    names = set()
+    for mod_name, module in model.named_modules():
+        is_norm = isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or _NO_DECAY.search(full.lower()):
+                names.add(full)
+    return names
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: one group without decay; with decay, the decayed parameters and
+    then the exempt ones (weight_decay 0), each in the model's parameter order."""
+    named = trainable_parameters(model)
+    if not weight_decay:
+        return [{"params": [p for _, p in named]}]
+    exempt = no_decay_names(model)
+    groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -315,7 +347,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     check_micro_batch_memory(model, cfg, device, objective.needs_teacher)
     data = ctx.train_batches(objective.data)
     teacher = ctx.teacher() if objective.needs_teacher else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
+                            betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt = Checkpointer(ctx.run_dir, ctx.spec.spec_hash() if hasattr(ctx.spec, "spec_hash")
                         else None)
