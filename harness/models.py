@@ -161,7 +161,8 @@ def _check_path(name: str) -> None:
         raise HarnessError(f"model path {name!r} does not exist; pass an existing folder or one "
                            f"of: {', '.join(MODELS.names())}")
     if not path.exists():
-        return  # a Hugging Face id
+        _check_hub_id(name)
+        return
     if path.is_file():
         if path.suffix == ".gguf":
             _check_gguf(path)
@@ -177,6 +178,33 @@ def _check_path(name: str) -> None:
                            f"folder written by save_pretrained")
     for weights in sorted(path.glob("*.safetensors")):
         _check_safetensors(weights)
+
+
+def _check_hub_id(name: str) -> None:
+    """A Hugging Face id must be cached or on a reachable hub. Checked with one request, so a
+    typo fails in a line instead of transformers retrying the hub for half a minute."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    others = f"pass a local checkpoint folder or one of: {', '.join(MODELS.names())}"
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id (HFValidationError)
+        raise HarnessError(f"model {name!r} is not a registered name, a local folder or a valid "
+                           f"Hugging Face id; {others}") from None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise HarnessError(f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE "
+                           f"is set; download it first or {others}")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as exc:
+        kind = type(exc).__name__
+        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+            raise HarnessError(f"model {name!r} is not on the Hugging Face hub (or is private or "
+                               f"gated: log in with `hf auth login`); {others}") from None
+        raise HarnessError(f"model {name!r} is not in the Hugging Face cache and the hub is "
+                           f"unreachable ({kind}); {others}") from None
 
 
 def _check_safetensors(path: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+HUB_TYPO = "no-such-org-zz/no-such-model-zz"
 QUICK = ["--model", "tiny-llama", "--max-eval-tokens", "256", "--seq-len", "128", "--tasks", ""]
 TRAIN = ["--set", "train.steps=2", "--set", "train.seq_len=32", "--set", "train.batch_size=1",
          "--set", "calib_samples=2", "--set", "calib_seq_len=32", "--set", "clip_tokens=32",
@@ -122,6 +123,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
                            "corrupt or truncated"),
         "model folder without config": ([*run, "--methods", "rtn", "--model", no_config],
                                         "no config.json"),
+        # neither cached nor reachable (CI has no hub; with one, the hub says it does not exist)
+        "unknown hub model": ([*run, "--methods", "rtn", "--model", HUB_TYPO], f"'{HUB_TYPO}'"),
         "malformed yaml": (["run", bad_yaml, "--scheduler", "inline"], "malformed YAML"),
         "unknown yaml key": (["run", unknown_key, "--scheduler", "inline"],
                              "unknown key 'bogus_key'"),
@@ -190,7 +193,7 @@ def test_at_least_twenty_distinct_bad_inputs(results):
     "symmetric 1-bit", "bits for onebit",
     "group size not dividing", "negative steps", "negative lr", "missing model path",
     "garbage safetensors", "truncated safetensors", "truncated gguf",
-    "model folder without config", "malformed yaml", "unknown yaml key", "unreachable database",
+    "model folder without config", "unknown hub model", "malformed yaml", "unknown yaml key", "unreachable database",
     "database not a url", "read-only output dir", "output dir is a file", "absurd batch",
     "eval window 0", "--set without =", "--set unknown key", "show missing run",
     "show on missing db", "dashboard missing db", "unknown device", "absent device",
@@ -209,6 +212,13 @@ def test_bad_input_is_one_error_line_exit_2_and_no_run_row(results, name):
         from harness.store import Store
 
         assert Store(db, readonly=True).runs() == []
+
+
+def test_unknown_hub_model_fails_at_once_without_retries(results):
+    """One request, no retry loop: huggingface_hub's backoff used to print ten warnings over
+    ~27 s before the error line."""
+    res = results["unknown hub model"][3]
+    assert "Retrying" not in res.stderr and "huggingface_hub" not in res.stderr, res.stderr
 
 
 # --- failures found inside a run: stored as failed, exit 1 -----------------------------------
