@@ -261,6 +261,10 @@ def cmd_show(args) -> int:
         print(f"error: {run.error}")
     print("spec:", json.dumps(run.spec, sort_keys=True))
     print(f"wall time: {fmt_num(run.wall_s, 1)} s  device: {run.device}  host: {run.host}")
+    when = [f"{label} {t:%Y-%m-%d %H:%M:%S}" for label, t in
+            (("started", run.started_at), ("finished", run.finished_at)) if t is not None]
+    if when:
+        print("  ".join(when) + " UTC" + (f"  attempts: {run.attempts}" if (run.attempts or 0) > 1 else ""))
     print("metrics:")
     for key, value in sorted(data["metrics"].items()):
         print(f"  {key:28s} {fmt_num(value, 4)}")

@@ -30,6 +30,9 @@ def test_run_rtn_then_list_show_and_resume(run_cli, tmp_path):
     assert 2.0 < m["bits_per_weight"] < 3.0  # 2-bit codes + fp16 scale + 2-bit zero per 64
     code, out, _ = run_cli("show", w2["run_key"], "--json")
     assert json.loads(out)["spec"]["config"]["bits"] == 2
+    code, out, _ = run_cli("show", w2["run_key"])
+    when = next(line for line in out.splitlines() if line.startswith("started "))
+    assert when.endswith(" UTC") and " finished " in when  # when it ran, for the user's notes
     code, out, err = run_cli("run", "--methods", "rtn", "--bits", "3,2", *QUICK,
                              "--output-dir", out_dir)
     assert code == 0 and "already finished" in out
