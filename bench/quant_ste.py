@@ -171,8 +171,6 @@ def host_breakdown(w: torch.Tensor, grad: torch.Tensor, fmt: str, bits: int, gro
     round), each part timed on its own:
       fwd/bwd launch: one Triton launch through ``kernel[grid](...)`` (binder, cache key,
         launch), outputs preallocated;
-      direct: the same forward through the compiled kernel's own launcher (no binder; Triton's
-        internal API, "n/a" where this Triton lacks it);
       Function: an autograd Function doing no kernel work (an ``empty_like`` each way), fwd+bwd
         through the engine: what any custom op pays;
       forward: ``fake_quantize`` with the graph recorded, no backward;
@@ -184,7 +182,7 @@ def host_breakdown(w: torch.Tensor, grad: torch.Tensor, fmt: str, bits: int, gro
     cfg = tfq._launch_config(False, group, mode, bits, False)
     n = w.numel() // group
     even = tfq._even(n, cfg)
-    grid = (triton_cdiv(n, cfg["BLOCK_R"]),)
+    grid = (tfq.triton.cdiv(n, cfg["BLOCK_R"]),)
     out, gx = torch.empty_like(w), torch.empty_like(w)
     stats = torch.empty(n, 2, device=dev, dtype=torch.float32)
     wd = w.detach()
@@ -215,31 +213,10 @@ def host_breakdown(w: torch.Tensor, grad: torch.Tensor, fmt: str, bits: int, gro
         w.grad = None
         fake_quantize(w, fmt, bits, group).backward(grad)
 
-    parts = {"fwd launch": fwd, "bwd launch": bwd}
-    try:
-        kernel = tfq._fq_fwd[grid](wd, out, stats, n, SAVE=True, EVEN=even, **cfg)
-        runner = kernel[grid]
-        # every parameter in signature order, constexprs included (what ``run`` passes on)
-        args = (wd, out, stats, n, cfg["G"], cfg["BLOCK_G"], cfg["BLOCK_R"], cfg["MODE"],
-                cfg["QMIN"], cfg["QMAX"], cfg["FP16_SCALE"], True, cfg["BIG"], even)
-        runner(*args)
-        torch.cuda.synchronize()
-        parts["direct"] = lambda: runner(*args)
-    except Exception as exc:  # internal API: report, do not fail the bench
-        parts["direct"] = None
-        direct_error = f"{type(exc).__name__}: {exc}"[:80]
-    parts.update({"Function": noop, "forward": forward_only, "fwd+bwd": ours})
-    cells = []
-    for name, fn in parts.items():
-        if fn is None:
-            cells.append(f"{name} n/a ({direct_error})")
-        else:
-            cells.append(f"{name} {host_time(fn, dev, reps, rounds) * 1e6:.0f}")
-    return ", ".join(cells)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    parts = {"fwd launch": fwd, "bwd launch": bwd, "Function": noop, "forward": forward_only,
+             "fwd+bwd": ours}
+    return ", ".join(f"{name} {host_time(fn, dev, reps, rounds) * 1e6:.0f}"
+                     for name, fn in parts.items())
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 28) -> float:
