@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import SQLAlchemyError
+
     from harness import commands
 
     with installed():  # SIGTERM stops like Ctrl-C; training checkpoints first
@@ -160,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except SQLAlchemyError as exc:  # the database failed mid-command (locked, disk full...)
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            print(f"error: the results database failed ({type(exc).__name__}: {reason}); "
+                  f"pass a lowbit-harness database (--db) that no other process holds locked",
+                  file=sys.stderr)
+            return 2
         except KeyboardInterrupt as exc:
             stop = explain(exc)
             print(f"error: {stop}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ def make_engine(url: str = DEFAULT_DB, readonly: bool = False) -> Engine:
                 if not path.exists():
                     raise HarnessError(f"database file {path} does not exist; run `harness run` "
                                        f"first or pass --db with an existing database")
-                url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+                return _readonly_sqlite(path)
             else:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +175,40 @@ def make_engine(url: str = DEFAULT_DB, readonly: bool = False) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+READONLY_BUSY_S = 5  # WAL readers wait only for a checkpoint; a writer's lock is not theirs
+
+
+def _readonly_sqlite(path: Path) -> Engine:
+    """A read-only engine on a SQLite file (the dashboard, ``list``, ``show``, ``eval``).
+
+    The URI comes from pathlib, so '#', '?', '%' and spaces in a file name stay part of the
+    name (a hand-built URI cut the name at '#' and created a new, empty database there). Each
+    session gets a fresh connection (NullPool): a file replaced under a running dashboard, as
+    rsync, mv or a new ``harness run`` into a deleted path do, is read anew rather than
+    through connections to the old inode. A WAL database in a folder this user cannot write
+    (read-only media, another user's results) has no shared-memory file to create: SQLite
+    opens it only as immutable, which is tried next (no live updates, nothing to update).
+    """
+    import sqlite3
+
+    from sqlalchemy.pool import NullPool
+
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True, timeout=READONLY_BUSY_S)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master")
+    except sqlite3.OperationalError as exc:
+        if "unable to open" not in str(exc):  # "locked": immutable would read past a writer
+            raise HarnessError(f"database file {path} cannot be read ({exc}); retry once no "
+                               f"other process holds it locked") from None
+        uri += "&immutable=1"  # if this fails too, Store reports the error in one line
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, timeout=READONLY_BUSY_S, check_same_thread=False)
+
+    return create_engine("sqlite://", creator=connect, poolclass=NullPool)
 
 
 class Store:

@@ -63,6 +63,15 @@ def _truncated_gguf(root: Path) -> Path:
     return path
 
 
+def _foreign_db(root: Path) -> str:
+    import sqlite3
+
+    path = root / "foreign.db"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, title TEXT)")
+    return f"sqlite:///{path}"
+
+
 def _read_only_dir(root: Path) -> Path:
     if os.geteuid() != 0:
         path = root / "ro"
@@ -146,6 +155,9 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "show missing run": (["show", "nope", "--db", existing_db], "no run 'nope'"),
         "show on missing db": (["show", "1", "--db", f"sqlite:///{root / 'none.db'}"],
                                "does not exist"),
+        # a SQLite file of another program that happens to have a "runs" table
+        "list on a foreign database": (["list", "--db", _foreign_db(root)],
+                                       "the results database failed"),
         "dashboard missing db": (["dashboard", "--db", f"sqlite:///{root / 'none.db'}"],
                                  "no database at"),
         "unknown device": ([*run, "--methods", "rtn", "--device", "tpu", *QUICK],
@@ -196,7 +208,7 @@ def test_at_least_twenty_distinct_bad_inputs(results):
     "model folder without config", "unknown hub model", "malformed yaml", "unknown yaml key", "unreachable database",
     "database not a url", "read-only output dir", "output dir is a file", "absurd batch",
     "eval window 0", "--set without =", "--set unknown key", "show missing run",
-    "show on missing db", "dashboard missing db", "unknown device", "absent device",
+    "show on missing db", "list on a foreign database", "dashboard missing db", "unknown device", "absent device",
     "ray flag without ray", "eval tokens below one window", "argument of the wrong type",
     "gen-data samples 0", "gen-data temperature 0",
 ])

@@ -69,3 +69,56 @@ def test_bad_urls_are_one_line_errors(tmp_path):
 def test_unknown_run(store):
     with pytest.raises(HarnessError, match="harness list"):
         store.get_run("deadbeef")
+
+
+def test_readonly_store_takes_any_file_name(tmp_path):
+    """'#', '%' and spaces are part of the file name: a hand-built URI cut the name at '#',
+    found no such file and created an empty database at the cut. ('?' starts the URL's query
+    in SQLAlchemy's own syntax, for writing too.)"""
+    folder = tmp_path / "results dir"
+    folder.mkdir()
+    path = folder / "run#1 at 100%.db"
+    Store(f"sqlite:///{path}").begin_run(_spec())
+    ro = Store(f"sqlite:///{path}", readonly=True)
+    assert len(ro.runs()) == 1
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(("-wal", "-shm"))) \
+        == [path.name]
+
+
+def test_readonly_store_reads_a_replaced_file_anew(tmp_path):
+    """rsync, mv or a fresh `harness run` give the path a new file: a pooled connection kept
+    reading the old one (the dashboard showed it until restarted)."""
+    path = tmp_path / "h.db"
+    Store(f"sqlite:///{path}").begin_run(_spec())
+    ro = Store(f"sqlite:///{path}", readonly=True)
+    assert len(ro.runs()) == 1
+    other = tmp_path / "other.db"
+    writer = Store(f"sqlite:///{other}")
+    writer.begin_run(_spec(2))
+    writer.begin_run(_spec(4))
+    writer.engine.dispose()
+    other.replace(path)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"h.db{suffix}").unlink(missing_ok=True)
+    assert len(ro.runs()) == 2
+
+
+def test_locked_database_is_a_one_line_error_not_an_empty_one(tmp_path):
+    """A database another process holds exclusively (rollback-journal mode) used to wait 30 s
+    per query and then read as empty; now it is refused in one line after a short wait."""
+    import harness.store as store_mod
+
+    path = tmp_path / "h.db"
+    writer = Store(f"sqlite:///{path}")
+    writer.begin_run(_spec())
+    writer.engine.dispose()  # leaving WAL mode takes the only connection
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        old, store_mod.READONLY_BUSY_S = store_mod.READONLY_BUSY_S, 0.2
+        with pytest.raises(HarnessError, match="cannot be read .*locked"):
+            Store(f"sqlite:///{path}", readonly=True)
+    finally:
+        store_mod.READONLY_BUSY_S = old
+        con.execute("ROLLBACK")
