@@ -1,7 +1,9 @@
 """Streamlit dashboard over the results database (read-only).
 
-Start it with ``harness dashboard [--db URL]`` (or ``streamlit run dashboard/app.py -- --db URL``;
-without ``--db`` the URL comes from ``LOWBIT_DB``, then ``HARNESS_DB``, then the default).
+Start it with ``harness dashboard [--db URL]``, which binds 127.0.0.1 (or ``streamlit run
+dashboard/app.py --server.address 127.0.0.1 -- --db URL``: plain ``streamlit run`` listens on
+every interface; without ``--db`` the URL comes from ``LOWBIT_DB``, then ``HARNESS_DB``, then
+the default).
 Pages: Leaderboard, Compare, Training, Layers, Run detail; ``?page=detail&run=KEY`` links
 straight to one run. Queries are cached per database version (file mtime for SQLite).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,11 +109,18 @@ def fmt_value(v, digits: int = 2) -> str:
 
 
 # --- pages -------------------------------------------------------------------------------
+def with_db(cmd: str, url: str) -> str:
+    """``cmd`` plus ``--db URL`` unless it is the default, quoted for the shell."""
+    return cmd if url == DEFAULT_DB else f"{cmd} --db {shlex.quote(url)}"
+
+
 def page_empty(url: str) -> None:
     st.title("lowbit-harness dashboard")
     st.info("The database has no runs yet. Quantize and evaluate something first:")
-    st.code(FIRST_RUN + ("" if url == DEFAULT_DB else f" --db {url}"), language="bash")
-    st.caption(f"Reading {url} (read-only). This page refreshes when runs are stored.")
+    st.code(with_db(FIRST_RUN, url), language="bash")
+    st.caption(f"Reading {url} (read-only).")
+    if st.button("Refresh"):  # the next run reads the database again (its version changed)
+        st.rerun()
 
 
 def page_leaderboard(url: str, board: pd.DataFrame) -> None:
@@ -119,7 +129,9 @@ def page_leaderboard(url: str, board: pd.DataFrame) -> None:
     filters = {}
     for col, (field, name) in zip(cols, [("model", "Model"), ("method", "Method"),
                                          ("bits", "Bits"), ("status", "Status")], strict=True):
-        options = sorted(board[field].dropna().unique().tolist(), key=str)
+        # bits: NaN for fp runs makes the column float; the choices are whole numbers
+        values = board[field].dropna()
+        options = sorted({int(v) if field == "bits" else v for v in values}, key=str)
         filters[field] = col.multiselect(name, options, key=f"filter_{field}")
     df = board
     for field, chosen in filters.items():
@@ -168,7 +180,8 @@ def page_compare(url: str, board: pd.DataFrame, version: str) -> None:
         st.info("No finished runs to compare yet.")
         return
     choices = run_choices(done)
-    picked = st.multiselect("Runs", list(choices), default=list(choices)[:12], key="cmp_runs")
+    # the newest twelve: the runs just made are the ones a user comes to compare
+    picked = st.multiselect("Runs", list(choices), default=list(choices)[-12:], key="cmp_runs")
     sel = done[done["id"].isin([choices[p] for p in picked])]
     numeric = [c for c in ["ppl", "ppl_fp", "size_mb", "bits_per_weight", "acc_avg",
                            "compression_vs_fp16", "wall_s", *queries.task_columns(board)]
@@ -203,7 +216,7 @@ def page_training(url: str, board: pd.DataFrame, version: str) -> None:
         st.info("No training steps logged yet; qat, bitdistiller and onebit runs log them.")
         return
     choices = run_choices(board, ids)
-    picked = st.multiselect("Runs", list(choices), default=list(choices)[:6], key="train_runs")
+    picked = st.multiselect("Runs", list(choices), default=list(choices)[-6:], key="train_runs")
     steps = load_steps(url, version, tuple(int(choices[p]) for p in picked))
     chart(charts.training_curves(steps), key="train_curves")
     if not steps.empty:
@@ -241,7 +254,11 @@ def page_detail(url: str, board: pd.DataFrame, version: str) -> None:
     wanted = st.session_state.get("detail_run") or st.query_params.get("run")
     labels = list(keys)
     index = next((i for i, lab in enumerate(labels) if wanted and keys[lab].startswith(wanted)),
-                 len(labels) - 1)
+                 None)
+    if index is None:
+        if wanted:
+            st.warning(f"No run {wanted!r} in this database; showing the latest run.")
+        index = len(labels) - 1
     if "detail_pick" in st.session_state and st.session_state["detail_pick"] not in keys:
         del st.session_state["detail_pick"]
     pick = st.selectbox("Run", labels, index=index, key="detail_pick")
@@ -264,6 +281,8 @@ def page_detail(url: str, board: pd.DataFrame, version: str) -> None:
         st.code(run["error"] or "(no error text stored)", language="text")
     elif run["status"] == "running":
         st.info("This run is still running (or was interrupted); rerun `harness run` to resume.")
+    elif run["status"] == "pending":
+        st.info("This run is planned but has not started; `harness run` runs it.")
     mem = d["memory"]
     if mem:
         st.subheader("Memory")
@@ -287,7 +306,7 @@ def page_detail(url: str, board: pd.DataFrame, version: str) -> None:
     if run["status"] == "finished" and run["method"] != queries.FP_METHOD:
         st.subheader("Export")
         cmd = f"harness export {run['run_key']} exports/{run['run_key']} --packed"
-        st.code(cmd + ("" if url == DEFAULT_DB else f" --db {url}"), language="bash")
+        st.code(with_db(cmd, url), language="bash")
     if d["artifacts"]:
         st.caption("Artifacts: " + ", ".join(f"{k}: `{v}`" for k, v in d["artifacts"].items()))
     if not d["train"].empty:

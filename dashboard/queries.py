@@ -18,16 +18,22 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from harness.errors import HarnessError
+from harness.report import ppl_protocol
 from harness.store import Artifact, LayerStat, Metric, Run, Store, TrainStep
 
 RUN_COLUMNS = ["id", "run_key", "label", "model", "method", "fmt", "bits", "group_size",
                "profile", "seed", "status", "error", "wall_s", "started_at", "finished_at",
-               "device", "host", "attempts"]
+               "device", "host", "attempts", "eval_seq_len", "eval_max_tokens"]
+# from each run's spec: with the model, what its perplexity depends on (harness.report)
+PROTOCOL_COLUMNS = ("eval_seq_len", "eval_max_tokens")
 TRAIN_COLUMNS = ["run_id", "label", "step", "loss", "lr", "tokens_per_s"]
 LAYER_COLUMNS = ["run_id", "label", "layer", "module", "stat", "value"]
 TASK_COLUMNS = ["run_id", "label", "method", "task", "metric", "value"]
-# Accuracy-like metrics stored with a task column; "acc_norm" preferred where a task has it.
-ACC_METRICS = ("acc_norm", "acc")
+# Accuracy-like metrics stored with a task column, in order of preference: "acc" first, the
+# metric the harness averages into acc_avg (harness/eval/accuracy.py), so a task's column and
+# the average shown beside it are the same metric.
+ACC_METRICS = ("acc", "acc_norm")
 MEMORY_METRICS = ("size_mb", "bits_per_weight", "compression_vs_fp16", "quantized_bytes",
                   "fp_bytes", "total_bytes", "quantized_weights", "peak_rss_mb", "peak_gpu_mb")
 FP_METHOD = "fp"
@@ -37,7 +43,9 @@ def run_label(method: str, fmt: str | None, bits: int | None, group_size: int | 
               run_key: str) -> str:
     """Short human name of a run: ``clip int3 g128 · 1a2b3c``."""
     parts = [method]
-    if bits is not None:
+    if fmt == "binary" or (fmt and fmt[-1].isdigit()):  # nf3, binary: the name says the width
+        parts.append(fmt)
+    elif bits is not None:
         parts.append(f"{fmt or ''}{bits}".strip())
     if group_size is not None:
         parts.append("row" if group_size == -1 else f"g{group_size}")
@@ -45,18 +53,27 @@ def run_label(method: str, fmt: str | None, bits: int | None, group_size: int | 
 
 
 def has_schema(store: Store) -> bool:
-    """True when the database holds the harness tables (a fresh file may not)."""
+    """True when the database holds the harness tables (a fresh file may not).
+
+    Raises:
+        HarnessError: the database cannot be read (locked, not a database, unreadable): shown
+            as such, not as an empty database.
+    """
     try:
         return inspect(store.engine).has_table(Run.__tablename__)
-    except SQLAlchemyError:
-        return False
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise HarnessError(f"database {store.url} cannot be read ({reason}); check the file "
+                           f"and that no other process holds it locked") from None
 
 
 def data_version(store: Store) -> str:
     """A token that changes whenever the database does; the cache key of every query.
 
     SQLite: modification times and sizes of the file and its ``-wal``. Other backends: the
-    number of runs, the latest ``finished_at``/``started_at`` and the metric count.
+    number of runs, the latest ``finished_at``/``started_at``, and the highest id of metrics,
+    training steps and layer stats (a rerun replaces metrics and a running training adds steps
+    without changing any count of runs).
     """
     path = sqlite_path(store.url)
     if path is not None:
@@ -72,8 +89,8 @@ def data_version(store: Store) -> str:
     with store.session() as s:
         n, fin, start = s.execute(select(func.count(Run.id), func.max(Run.finished_at),
                                          func.max(Run.started_at))).one()
-        m = s.scalar(select(func.count(Metric.id)))
-    return f"{n}|{fin}|{start}|{m}"
+        ids = [s.scalar(select(func.max(t.id))) for t in (Metric, TrainStep, LayerStat)]
+    return "|".join(str(v) for v in (n, fin, start, *ids))
 
 
 def _runs(store: Store) -> pd.DataFrame:
@@ -81,10 +98,14 @@ def _runs(store: Store) -> pd.DataFrame:
         return pd.DataFrame(columns=RUN_COLUMNS)
     with store.session() as s:
         rows = s.scalars(select(Run).order_by(Run.id)).all()
-    records = [{c: getattr(r, c) for c in RUN_COLUMNS if c != "label"} for r in rows]
-    df = pd.DataFrame.from_records(records, columns=[c for c in RUN_COLUMNS if c != "label"])
+    stored = [c for c in RUN_COLUMNS if c not in ("label", *PROTOCOL_COLUMNS)]
+    records = [{c: getattr(r, c) for c in stored} for r in rows]
+    df = pd.DataFrame.from_records(records, columns=stored)
     df.insert(2, "label", [run_label(r.method, r.fmt, r.bits, r.group_size, r.run_key)
                            for r in rows])
+    protocols = [ppl_protocol(r.model, r.spec)[1:] for r in rows]
+    for i, col in enumerate(PROTOCOL_COLUMNS):
+        df[col] = pd.Series([p[i] for p in protocols], index=df.index, dtype=object)
     return df
 
 
@@ -139,20 +160,25 @@ def _task_acc_column(df: pd.DataFrame, task: str) -> str | None:
     return None
 
 
-def fp_reference(df: pd.DataFrame) -> pd.Series:
-    """Full-precision perplexity per row: the finished ``fp`` run of the same model.
+def _protocols(df: pd.DataFrame) -> list[tuple]:
+    return [(m, _none(s), _none(t)) for m, s, t in
+            zip(df["model"], df["eval_seq_len"], df["eval_max_tokens"], strict=True)]
 
-    Prefers an fp run with the same profile (same evaluation protocol); otherwise any finished
-    fp run of that model. NaN where there is none.
-    """
+
+def _none(value):
+    """pandas turns a missing cap into NaN; the protocol key wants None (as the spec has)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def fp_reference(df: pd.DataFrame) -> pd.Series:
+    """Full-precision perplexity per row: the finished ``fp`` run of the same model, window
+    and token cap (:func:`harness.report.ppl_protocol`). NaN where there is none: a ratio
+    against another protocol's FP would be off by a few percent, silently."""
     if df.empty or "ppl" not in df.columns:
         return pd.Series([math.nan] * len(df), index=df.index, dtype=float)
     fp = df[(df["method"] == FP_METHOD) & (df["status"] == "finished") & df["ppl"].notna()]
-    by_profile = {(m, p): v for m, p, v in zip(fp["model"], fp["profile"], fp["ppl"], strict=True)}
-    by_model = {m: v for m, v in zip(fp["model"], fp["ppl"], strict=True)}
-    return pd.Series([by_profile.get((m, p), by_model.get(m, math.nan))
-                      for m, p in zip(df["model"], df["profile"], strict=True)],
-                     index=df.index, dtype=float)
+    ref = dict(zip(_protocols(fp), fp["ppl"], strict=True))
+    return pd.Series([ref.get(p, math.nan) for p in _protocols(df)], index=df.index, dtype=float)
 
 
 def leaderboard(store: Store) -> pd.DataFrame:
@@ -186,7 +212,7 @@ def fp_ratio(store: Store) -> pd.DataFrame:
 
 def task_scores(store: Store, run_ids: list[int] | None = None) -> pd.DataFrame:
     """Per-task accuracy in long form (``run_id, label, method, task, metric, value``); one
-    metric per task (``acc_norm`` when stored, else ``acc``)."""
+    metric per task (``acc`` when stored, else ``acc_norm``)."""
     m = metrics_long(store, run_ids)
     m = m[(m["task"] != "") & m["name"].isin(ACC_METRICS)]
     if m.empty:
@@ -280,7 +306,7 @@ def run_detail(store: Store, ref: str | int) -> dict[str, Any]:
     timings = {n[len("time_"):-len("_s")]: v for n, v in values.items()
                if n.startswith("time_") and n.endswith("_s")}
     memory = {n: values[n] for n in MEMORY_METRICS if n in values}
-    info = {c: getattr(run, c) for c in RUN_COLUMNS if c != "label"}
+    info = {c: getattr(run, c) for c in RUN_COLUMNS if c not in ("label", *PROTOCOL_COLUMNS)}
     info.update(label=run_label(run.method, run.fmt, run.bits, run.group_size, run.run_key),
                 spec=run.spec, versions=run.versions, experiment_id=run.experiment_id,
                 spec_hash=run.spec_hash)

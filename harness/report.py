@@ -40,13 +40,23 @@ RESULT_HEADERS = ("run", "method", "bits", "group", "PPL", "PPL/FP", "acc", "siz
                   "bits/weight", "wall s", "status")
 
 
-def result_rows(entries, fp_ppl: dict[str, float]) -> list[list[str]]:
-    """Rows of the post-run table; ``entries`` are dicts from ``Store.run_as_dict``."""
+def ppl_protocol(model: str, spec: dict | None) -> tuple:
+    """What a stored perplexity depends on besides the weights: the model, the window and the
+    token cap (the held-out split is fixed). A PPL/FP ratio divides by the fp run of the same
+    protocol, never by one of another window or cap (the quick and full profiles' FP PPL
+    differ by 4% on SmolLM2)."""
+    ev = (spec or {}).get("eval") or {}
+    return model, ev.get("seq_len"), ev.get("max_tokens")
+
+
+def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
+    """Rows of the post-run table; ``entries`` are dicts from ``Store.run_as_dict``,
+    ``fp_ppl`` maps :func:`ppl_protocol` to the FP perplexity."""
     rows = []
     for e in entries:
         m = e["metrics"]
         ppl = m.get("ppl")
-        ref = fp_ppl.get(e["model"])
+        ref = fp_ppl.get(ppl_protocol(e["model"], e["spec"]))
         ratio = ppl / ref if ppl is not None and ref else None
         rows.append([e["run_key"], e["method"], fmt_num(e["bits"]), fmt_num(e["group_size"]),
                      fmt_num(ppl), fmt_num(ratio), fmt_num(m.get("acc_avg"), 3),

@@ -106,3 +106,28 @@ def test_reader_leaving_the_pipe_is_no_traceback():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ppl_ratio_needs_an_fp_run_of_the_same_window_and_cap(run_cli, tmp_path):
+    """`--no-fp` used to divide by any FP run of the model: here one scored on twice the
+    tokens. The ratio is now left out until an FP run of the same protocol exists."""
+    from harness.report import RESULT_HEADERS
+
+    out_dir = tmp_path / "runs"
+    code, _, err = run_cli("run", "--methods", "rtn", "--bits", "3", *QUICK, "--tasks", "",
+                           "--output-dir", out_dir)
+    assert code == 0, err
+    other = ["run", "--methods", "rtn", "--bits", "2", "--model", "tiny-llama",
+             "--max-eval-tokens", "1024", "--seq-len", "256", "--tasks", "",
+             "--output-dir", out_dir]
+
+    def ratio_cell(out):
+        line = next(x for x in out.splitlines() if " rtn " in x and x.split()[2] == "2")
+        return line.split()[RESULT_HEADERS.index("PPL/FP")]
+
+    code, out, err = run_cli(*other, "--no-fp")
+    assert code == 0, err
+    assert ratio_cell(out) == "-"
+    code, out, err = run_cli(*other)  # now with an FP run of its own protocol
+    assert code == 0, err
+    assert float(ratio_cell(out)) > 0

@@ -27,7 +27,7 @@ def test_leaderboard_ratio_and_average(ro_store, fake_db):
     df = queries.leaderboard(ro_store).set_index("id")
     assert df.loc[ids["fp"], "ppl_fp"] == pytest.approx(1.0)
     assert df.loc[ids["rtn"], "ppl_fp"] == pytest.approx(4500 / 20)
-    assert df.loc[ids["qat"], "acc_avg"] == pytest.approx((0.52 + 0.63) / 2)  # stored acc_avg
+    assert df.loc[ids["qat"], "acc_avg"] == pytest.approx((0.50 + 0.61) / 2)  # stored acc_avg
     assert math.isnan(df.loc[ids["clip"], "acc_avg"])  # no tasks, no average
     assert df.loc[ids["rtn"], "label"].startswith("rtn int2 g128 · ")
 
@@ -52,12 +52,64 @@ def test_fp_ratio_per_model(ro_store, fake_db):
     assert df["ppl_fp"].min() == pytest.approx(31 / 20)
 
 
-def test_task_scores_prefers_acc_norm(ro_store, fake_db):
+def test_task_scores_and_columns_use_acc_the_metric_acc_avg_averages(ro_store, fake_db):
+    """The harness averages each task's ``acc`` into acc_avg; a task column showing acc_norm
+    beside it did not add up (FP on SmolLM2: nextline acc_norm 0.56 beside acc avg 0.29)."""
     _, ids = fake_db
     df = queries.task_scores(ro_store, [ids["rtn"]])
     assert set(df["task"]) == {"arc_easy", "piqa"}
-    assert set(df["metric"]) == {"acc_norm"}
-    assert df.set_index("task").loc["arc_easy", "value"] == pytest.approx(0.28)
+    assert set(df["metric"]) == {"acc"}
+    assert df.set_index("task").loc["arc_easy", "value"] == pytest.approx(0.26)
+    board = queries.leaderboard(ro_store).set_index("id")
+    cols = [queries._task_acc_column(board, t) for t in queries.tasks_of(board)]
+    assert cols == ["arc_easy/acc", "piqa/acc"]
+    assert board.loc[ids["qat"], cols].mean() == pytest.approx(board.loc[ids["qat"], "acc_avg"])
+
+
+def _run_with_eval(store, method, ppl, seq_len, max_tokens, key):
+    """A run whose spec carries its evaluation protocol, as harness run stores it."""
+    from harness.store import Run
+
+    spec = {"method": method, "model": "tiny-llama", "profile": "quick", "seed": 0,
+            "eval": {"seq_len": seq_len, "max_tokens": max_tokens, "tasks": [], "limit": None}}
+    with store.session() as s, s.begin():
+        run = Run(run_key=key[:12], spec_hash=key, method=method, model="tiny-llama",
+                  profile="quick", seed=0, spec=spec, status="finished")
+        s.add(run)
+        s.flush()
+        rid = run.id
+    store.add_metric(rid, "ppl", ppl)
+    return rid
+
+
+def test_ppl_ratio_divides_by_the_fp_run_of_the_same_window_and_cap(tmp_path):
+    """Keyed on model and profile, every ratio moved when an FP run of another window or
+    token cap was stored (the earlier FP run itself read 0.973); now each run takes the FP of
+    its own protocol, and one without such an FP shows none rather than a wrong one."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    store = Store(url)
+    fp_a = _run_with_eval(store, "fp", 20.0, 256, 2048, "a" * 64)
+    rtn_a = _run_with_eval(store, "rtn", 30.0, 256, 2048, "b" * 64)
+    fp_b = _run_with_eval(store, "fp", 25.0, 128, 256, "c" * 64)  # stored later: used to win
+    rtn_b = _run_with_eval(store, "rtn", 50.0, 128, 256, "d" * 64)
+    rtn_c = _run_with_eval(store, "rtn", 40.0, 256, None, "e" * 64)  # all tokens: no FP yet
+    df = queries.leaderboard(Store(url, readonly=True)).set_index("id")
+    assert df.loc[fp_a, "ppl_fp"] == pytest.approx(1.0)
+    assert df.loc[fp_b, "ppl_fp"] == pytest.approx(1.0)
+    assert df.loc[rtn_a, "ppl_fp"] == pytest.approx(30 / 20)
+    assert df.loc[rtn_b, "ppl_fp"] == pytest.approx(50 / 25)
+    assert math.isnan(df.loc[rtn_c, "ppl_fp"])
+
+
+@pytest.mark.parametrize("fmt,bits,group,expected", [
+    ("int", 2, 128, "rtn int2 g128"), ("nf3", 3, 64, "rtn nf3 g64"),
+    ("binary", 1, None, "rtn binary"), (None, None, None, "rtn")])
+def test_run_labels_name_each_width_once(fmt, bits, group, expected):
+    assert queries.run_label("rtn", fmt, bits, group, "abcdef123456") == expected + " · abcdef"
+
+
+def test_task_scores_of_a_failed_run_are_empty(ro_store, fake_db):
+    _, ids = fake_db
     assert queries.task_scores(ro_store, [ids["failed"]]).empty
 
 
