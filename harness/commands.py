@@ -145,6 +145,10 @@ def cmd_run(args) -> int:
         skipped = sum(o.status == "skipped" for o in outcomes)
         if skipped:
             print(f"({skipped} run(s) already finished were reused; --force reruns them)")
+        for o in outcomes:
+            if o.status == "busy":
+                print(f"(run {o.spec.run_key} ({o.spec.method}) is {o.error}: not started "
+                      f"twice; rerun this command once it has finished)")
         _print_eval_note(specs)
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
@@ -235,7 +239,8 @@ def cmd_list(args) -> int:
         print(json.dumps([store.run_as_dict(r) for r in runs], indent=2, default=str))
         return 0
     if not runs:
-        print("no runs yet; try: harness run --methods rtn --bits 3")
+        print(f"no {args.status} runs" if args.status and store.runs() else
+              "no runs yet; try: harness run --methods rtn --bits 3")
         return 0
     rows = []
     for r in runs:

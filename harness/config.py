@@ -124,6 +124,9 @@ class RunSpec(BaseModel):
     eval: EvalSpec
     profile: str = "quick"
     seed: int = 0
+    # a local checkpoint folder's files (names, sizes, modification times): the same path
+    # retrained, or another project's folder of the same relative name, is another model
+    model_fingerprint: str | None = None
 
     @field_validator("profile")
     @classmethod
@@ -131,15 +134,27 @@ class RunSpec(BaseModel):
         get_profile(v)
         return v
 
+    def _dump(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if data["model_fingerprint"] is None:  # registered names and hub ids: keys as before
+            del data["model_fingerprint"]
+        return data
+
     def canonical_json(self) -> str:
-        return _canonical(self.model_dump(mode="json"))
+        return _canonical(self._dump())
+
+    @property
+    def model_key(self) -> str:
+        """The model as caches key it (teacher data): its name, plus the fingerprint of a
+        local folder."""
+        return self.model + (f"@{self.model_fingerprint}" if self.model_fingerprint else "")
 
     def spec_hash(self) -> str:
         """sha256 of the spec with the training settings that only say when the run writes
         (:data:`WRITE_ONLY_TRAIN_KEYS`) at their defaults: runs differing in them compute the
         same thing, so a rerun with another ``checkpoint_every`` resumes or reuses the run.
         Hashing the defaults, not dropping the keys, keeps earlier runs' hashes."""
-        data = self.model_dump(mode="json")
+        data = self._dump()
         train = data["config"].get("train")
         if isinstance(train, dict):
             from harness.train.config import TrainConfig

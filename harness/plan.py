@@ -72,11 +72,35 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
 
         check_task_names(eval_spec.tasks)
     config = method_config_values(method_cls, dict(overrides or {}), profile, in_features)
+    model, fingerprint = model_identity(model)
     # The FP reference does not depend on the seed: one shared run per model and evaluation.
     return RunSpec(model=model, method=method, config=config, eval=eval_spec, profile=profile,
-                   seed=seed if method_cls.quantizes else 0)
+                   seed=seed if method_cls.quantizes else 0, model_fingerprint=fingerprint)
+
+
+def model_identity(model: str) -> tuple[str, str | None]:
+    """``(name, fingerprint)``: a local folder becomes its absolute path and a hash of its
+    files' names, sizes and modification times (``./ckpt`` in two projects, or one folder
+    retrained, were one model to the run's identity and reused each other's results);
+    registered names and Hugging Face ids stay as given, without fingerprint."""
+    import hashlib
+    from pathlib import Path
+
+    from harness.models import MODELS
+
+    path = Path(model).expanduser()
+    if model in MODELS or not path.is_dir():
+        return model, None
+    path = path.resolve()
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return str(path), h.hexdigest()[:16]
 
 
 def fp_reference(spec: RunSpec) -> RunSpec:
     """The full-precision run every quantized run is compared with (same model and eval)."""
-    return build_spec(spec.model, "fp", {}, spec.profile, 0, spec.eval.model_dump())
+    ref = build_spec(spec.model, "fp", {}, spec.profile, 0, spec.eval.model_dump())
+    # the quantized run's fingerprint, not one taken now: the same checkpoint as it was
+    return ref.model_copy(update={"model_fingerprint": spec.model_fingerprint})

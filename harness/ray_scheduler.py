@@ -28,7 +28,8 @@ from pathlib import Path
 from harness.config import RunSpec
 from harness.errors import HarnessError
 from harness.interrupts import explain, reinstall
-from harness.scheduler import Outcome, describe_error
+from harness.scheduler import Outcome, busy, describe_error
+from harness.store import RunBusy
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
                 host=socket.gethostname(), pid=os.getpid())
 
 
-def teacher_task(model: str, samples: int, new_tokens: int, temperature: float,
+def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temperature: float,
                  device: str | None) -> str | None:
     """Generates (or finds cached) teacher continuations; returns an error line or ``None``.
 
@@ -115,7 +116,7 @@ def teacher_task(model: str, samples: int, new_tokens: int, temperature: float,
         # One load gives the tokenizer and the teacher (cheap next to generation; on a cache hit
         # the model is simply dropped).
         teacher, tokenizer = load_model(model, device=pick_device(device))
-        teacher_sequences(model, lambda: teacher.eval(), tokenizer, samples, new_tokens,
+        teacher_sequences(model_key, lambda: teacher.eval(), tokenizer, samples, new_tokens,
                           temperature, seed=0, progress=False)
         return None
     except Exception as exc:
@@ -123,7 +124,8 @@ def teacher_task(model: str, samples: int, new_tokens: int, temperature: float,
 
 
 def teacher_key(spec: RunSpec) -> tuple | None:
-    """``(model, samples, new_tokens, temperature)`` of the teacher data ``spec`` reads, or None.
+    """``(model, model_key, samples, new_tokens, temperature)`` of the teacher data ``spec``
+    reads, or None.
 
     Mirrors :func:`harness.train.data.training_blocks`: training methods whose data is the
     teacher's continuations, and CAKLD (its gamma is estimated on teacher data).
@@ -134,7 +136,7 @@ def teacher_key(spec: RunSpec) -> tuple | None:
         return None
     if cfg.get("data") != "teacher" and cfg.get("loss") != "cakld":
         return None
-    return (spec.model, int(train.get("teacher_samples", 64)),
+    return (spec.model, spec.model_key, int(train.get("teacher_samples", 64)),
             int(train.get("teacher_new_tokens", 256)), float(train.get("temperature", 0.7)))
 
 
@@ -257,11 +259,16 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
         for spec in pending:
             key = teacher_key(spec)
             if key is not None and key not in teachers:
-                _say(f"ray: teacher data for {key[0]} ({key[1]} x {key[2]} tokens), once, "
+                _say(f"ray: teacher data for {key[0]} ({key[2]} x {key[3]} tokens), once, "
                      f"before the runs that need it")
                 teachers[key] = remote_teacher.remote(*key, device)
         for spec in pending:
-            run = store.begin_run(spec, experiment_id, device="ray")
+            try:
+                run = store.begin_run(spec, experiment_id, device="ray")
+            except RunBusy as exc:  # started by another live process since execute's check
+                outcomes[spec.spec_hash()] = busy(spec, store.find_run(spec.spec_hash()).id,
+                                                  exc.owner)
+                continue
             key = teacher_key(spec)
             deps = [teachers[key]] if key is not None else []
             ref = remote_run.options(name=f"{spec.method}-{spec.run_key}").remote(
@@ -291,8 +298,11 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
             _say(f"[{done_n}/{total}] {spec.run_key} {spec.method:12s} {result['status']} "
                  f"in {took} (elapsed {time.perf_counter() - t0:.0f} s){': ' + first if first else ''}")
     except KeyboardInterrupt as exc:
-        for ref, (_spec, run_id) in refs.items():
+        for ref, (spec, run_id) in refs.items():
             ray.cancel(ref, force=True)
+            # what the worker logged before it was stopped (its steps up to the checkpoint the
+            # rerun resumes from); a rerun's worker starts a new spool
+            replay(read_spool(run_dir_for(output_dir, spec) / SPOOL_NAME), store, run_id)
             store.end_run(run_id, "failed", str(explain(exc)))
         raise
     finally:

@@ -8,6 +8,7 @@ alone writes the database.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from harness.config import RunSpec
 from harness.errors import HarnessError
 from harness.interrupts import explain
-from harness.store import Store
+from harness.store import RunBusy, Store, owner_alive
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,15 @@ log = logging.getLogger(__name__)
 class Outcome:
     spec: RunSpec
     run_id: int
-    status: str  # finished | failed | skipped
+    status: str  # finished | failed | skipped | busy (running in another live process)
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+
+
+def busy(spec: RunSpec, run_id: int, owner: str | None) -> Outcome:
+    log.warning("run %s is running in another process (%s); not started twice",
+                spec.run_key, owner)
+    return Outcome(spec, run_id, "busy", f"running in another process ({owner})")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -91,7 +98,8 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         scheduler: ``inline`` or ``ray``.
         force: rerun finished runs too.
     """
-    output_dir = Path(output_dir)
+    # absolute: the packed file's path is stored, and `harness export/eval` may run elsewhere
+    output_dir = Path(output_dir).expanduser().resolve()
     unique: dict[str, RunSpec] = {}
     if specs:
         check_output_dir(output_dir)
@@ -104,7 +112,12 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         if existing is not None and existing.status == "finished" and not force:
             outcomes[h] = Outcome(spec, existing.id, "skipped",
                                   metrics=store.metric_dict(existing.id))
+        elif existing is not None and existing.status == "running" and owner_alive(existing.host):
+            outcomes[h] = busy(spec, existing.id, existing.host)
         else:
+            if force and existing is not None and existing.status == "finished":
+                # --force recomputes: a final-step checkpoint would only be reloaded
+                shutil.rmtree(output_dir / spec.run_key / "checkpoint", ignore_errors=True)
             pending.append(spec)
     if scheduler == "ray" and pending:
         from harness.errors import require_module
@@ -117,7 +130,12 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         if scheduler not in ("inline", "ray"):
             raise HarnessError(f"unknown scheduler {scheduler!r}; use inline or ray")
         for spec in pending:
-            run = store.begin_run(spec, experiment_id, device=str(_device_name(device)))
+            try:
+                run = store.begin_run(spec, experiment_id, device=str(_device_name(device)))
+            except RunBusy as exc:  # started elsewhere since the check above
+                outcomes[spec.spec_hash()] = busy(spec, store.find_run(spec.spec_hash()).id,
+                                                  exc.owner)
+                continue
             start = time.perf_counter()
             status, error, metrics = run_inline(spec, store, run.id, output_dir, device, progress)
             store.end_run(run.id, status, error, time.perf_counter() - start)

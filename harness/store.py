@@ -7,6 +7,7 @@ All queries go through the ORM: no SQL is built from strings.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from contextlib import closing
 from datetime import datetime, timezone
@@ -28,13 +29,58 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from harness.errors import HarnessError
 
 DEFAULT_DB = "sqlite:///runs/harness.db"
 STATUSES = ("pending", "running", "finished", "failed")
+
+
+class RunBusy(HarnessError):
+    """The run is being run by another live process on this machine."""
+
+    def __init__(self, run_key: str, owner: str | None) -> None:
+        super().__init__(f"run {run_key} is running in another process ({owner}); not started "
+                         f"twice")
+        self.run_key, self.owner = run_key, owner
+
+
+def owner_tag() -> str:
+    """What a run row's ``host`` holds while it runs: the machine and the driver's pid."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def owner_alive(host: str | None) -> bool:
+    """Whether the process named by :func:`owner_tag` still runs a harness command here.
+
+    Only this machine's processes can be checked; a row of another machine (or written before
+    pids were recorded) counts as not alive, so a rerun takes it over as before. A recycled
+    pid is told apart by its command line (Linux), which must name the harness.
+    """
+    name, _, pid = (host or "").rpartition(" pid ")
+    if name != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"harness" in cmdline.read_bytes()
+        except OSError:
+            return True
+    return True
 
 
 def utcnow() -> datetime:
@@ -244,12 +290,24 @@ class Store:
 
         Metrics of the earlier attempt are deleted (they are recomputed); train steps are kept so
         a resumed training continues its curve.
+
+        Raises:
+            RunBusy: another live process on this machine is running it (two terminals sharing
+                the FP reference, say); taking it over would delete that process's metrics.
         """
+        try:
+            return self._begin_run(spec, experiment_id, device)
+        except IntegrityError:  # another process created the row between our select and insert
+            return self._begin_run(spec, experiment_id, device)
+
+    def _begin_run(self, spec, experiment_id: int | None, device: str | None) -> Run:
         from harness.versions import package_versions
 
         h = spec.spec_hash()
         with self.session() as s, s.begin():
             run = s.scalar(select(Run).where(Run.spec_hash == h))
+            if run is not None and run.status == "running" and owner_alive(run.host):
+                raise RunBusy(run.run_key, run.host)
             if run is None:
                 run = Run(run_key=h[:12], spec_hash=h, method=spec.method, model=spec.model,
                           fmt=spec.fmt, bits=spec.bits, group_size=spec.group_size,
@@ -264,7 +322,7 @@ class Store:
             run.error = None
             run.started_at = utcnow()
             run.finished_at = None
-            run.host = socket.gethostname()
+            run.host = owner_tag()
             run.device = device
             run.versions = package_versions()
             run.attempts = (run.attempts or 0) + 1

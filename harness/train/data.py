@@ -24,7 +24,7 @@ def training_blocks(spec, tokenizer, source: str, teacher, device) -> torch.Tens
     if source == "teacher":
         from harness.train.teacher_data import teacher_sequences
 
-        seqs = teacher_sequences(spec.model, teacher, tokenizer,
+        seqs = teacher_sequences(spec.model_key, teacher, tokenizer,
                                  int(train.get("teacher_samples", 64)),
                                  int(train.get("teacher_new_tokens", 256)),
                                  float(train.get("temperature", 0.7)), seed=0)

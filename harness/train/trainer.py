@@ -95,11 +95,13 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoint"
         self.spec_hash = spec_hash  # written into state.json; a load for another spec fails
         self.train_s = 0.0
+        self.loss: float | None = None  # the last saved step's loss (a finished run's final)
 
     def exists(self) -> bool:
         return (self.dir / "state.json").exists()
 
-    def save(self, step: int, model, opt, sched, train_s: float = 0.0) -> None:
+    def save(self, step: int, model, opt, sched, train_s: float = 0.0,
+             loss: float | None = None) -> None:
         from safetensors.torch import save_file
 
         tmp = self.dir.with_name("checkpoint.tmp")
@@ -108,7 +110,7 @@ class Checkpointer:
         save_file(params, str(tmp / "params.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                    tmp / "optim.pt")
-        state = {"step": step, "train_s": train_s}
+        state = {"step": step, "train_s": train_s, "loss": loss}
         if self.spec_hash:
             state["spec_hash"] = self.spec_hash
         (tmp / "state.json").write_text(json.dumps(state))
@@ -140,6 +142,7 @@ class Checkpointer:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             self.train_s = train_s
+            self.loss = meta.get("loss")  # absent before 2026-11-27
         except Exception as exc:
             raise HarnessError(f"checkpoint {self.dir} is unreadable ({type(exc).__name__}: "
                                f"{str(exc)[:120]}); delete that folder to restart training") from None
@@ -353,10 +356,12 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     ckpt = Checkpointer(ctx.run_dir, ctx.spec.spec_hash() if hasattr(ctx.spec, "spec_hash")
                         else None)
     start = ckpt.load(model, opt, sched) if ckpt.exists() else 0
+    if hasattr(ctx.recorder, "resume_from"):
+        # steps logged after the checkpoint (or, from 0, by an attempt killed before its first
+        # checkpoint) are redone: drop their rows so the curve is this training's alone
+        ctx.recorder.resume_from(start)
     if start:
         log.info("resuming training at step %d", start)
-        if hasattr(ctx.recorder, "resume_from"):
-            ctx.recorder.resume_from(start)
         ctx.recorder.metric("resumed_from_step", start)
     amp = training_autocast(device)
     model.train()
@@ -388,7 +393,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
                 stop = stop_requested()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
                     pending.settle()
-                    ckpt.save(step + 1, model, opt, sched, train_s)
+                    ckpt.save(step + 1, model, opt, sched, train_s, pending.value)
                 if bar is not None:
                     shown = {"loss": f"{pending.value:.4f}"} if step > start else {}
                     bar.set_postfix(**shown, tok_s=f"{tps:.0f}")  # loss: the step before
@@ -403,11 +408,12 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     finally:
         for hooks in batched:
             hooks.remove()
-    loss_value = pending.value
+    # a run resumed after its last step trained nothing new: its loss is the checkpoint's
+    loss_value = pending.value if start < cfg.steps else ckpt.loss
     if bar is not None:
         bar.close()
     model.eval()
-    if start < cfg.steps:  # a run resumed after its last step trained nothing new
+    if loss_value is not None:
         ctx.recorder.metric("final_train_loss", loss_value)
-        ctx.recorder.metric("train_steps_s_total", train_s)
+    ctx.recorder.metric("train_steps_s_total", train_s)
     return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start}

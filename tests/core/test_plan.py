@@ -96,3 +96,34 @@ def test_every_rung_of_the_ladder_shares_format_and_data(method):
         spec(bits=3, fmt="nf3", symmetric=True)
     if method in ("qat", "bitdistiller"):
         assert spec(bits=3).config["data"] == "teacher"
+
+
+def test_registered_models_keep_their_run_keys():
+    spec = build_spec("tiny-llama", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
+    assert spec.model_fingerprint is None and spec.model_key == "tiny-llama"
+    assert "model_fingerprint" not in spec.canonical_json()  # hashed exactly as before
+
+
+def test_a_local_folder_is_its_absolute_path_and_its_files(tmp_path, monkeypatch):
+    """`--model ./ckpt` typed in two projects, or one folder retrained, was one identity:
+    the second command reused the first one's results."""
+    for project in ("a", "b"):
+        (tmp_path / project / "ckpt").mkdir(parents=True)
+        (tmp_path / project / "ckpt" / "config.json").write_text("{}")
+        (tmp_path / project / "ckpt" / "model.safetensors").write_bytes(project.encode() * 10)
+    specs = {}
+    for project in ("a", "b"):
+        monkeypatch.chdir(tmp_path / project)
+        specs[project] = build_spec("./ckpt", "rtn", {"bits": 3}, "quick", 0, in_features=IN)
+    assert specs["a"].model == str(tmp_path / "a" / "ckpt")
+    assert specs["a"].spec_hash() != specs["b"].spec_hash()
+    again = build_spec(str(tmp_path / "a" / "ckpt"), "rtn", {"bits": 3}, "quick", 0,
+                       in_features=IN)
+    assert again.spec_hash() == specs["a"].spec_hash()
+    (tmp_path / "a" / "ckpt" / "model.safetensors").write_bytes(b"retrained, longer")
+    retrained = build_spec(str(tmp_path / "a" / "ckpt"), "rtn", {"bits": 3}, "quick", 0,
+                           in_features=IN)
+    assert retrained.spec_hash() != specs["a"].spec_hash()
+    assert retrained.model_key != specs["a"].model_key  # teacher data is another cache entry
+    # the FP reference is of the checkpoint the run quantized, not of what the folder holds now
+    assert fp_reference(specs["a"]).model_fingerprint == specs["a"].model_fingerprint

@@ -29,7 +29,7 @@ def test_teacher_key_matches_training_blocks():
     from harness.ray_scheduler import teacher_key
 
     specs = {s.method: s for s in load_experiment(ROOT / "experiments/smollm2-default.yaml").specs}
-    assert teacher_key(specs["bitdistiller"]) == ("smollm2-135m", 64, 256, 0.7)
+    assert teacher_key(specs["bitdistiller"]) == ("smollm2-135m", "smollm2-135m", 64, 256, 0.7)
     assert teacher_key(specs["onebit"]) == teacher_key(specs["bitdistiller"])
     rtn = load_experiment(ROOT / "experiments/smoke.yaml").specs[0]
     assert teacher_key(rtn) is None
