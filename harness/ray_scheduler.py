@@ -265,7 +265,7 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
         for spec in pending:
             try:
                 run = store.begin_run(spec, experiment_id, device="ray")
-            except RunBusy as exc:  # started by another live process since execute's check
+            except RunBusy as exc:  # another live process runs it (Store.begin_run)
                 outcomes[spec.spec_hash()] = busy(spec, store.find_run(spec.spec_hash()).id,
                                                   exc.owner)
                 continue

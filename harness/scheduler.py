@@ -17,7 +17,7 @@ from pathlib import Path
 from harness.config import RunSpec
 from harness.errors import HarnessError
 from harness.interrupts import explain
-from harness.store import RunBusy, Store, owner_alive
+from harness.store import RunBusy, Store
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ class Outcome:
 
 
 def busy(spec: RunSpec, run_id: int, owner: str | None) -> Outcome:
-    log.warning("run %s is running in another process (%s); not started twice",
-                spec.run_key, owner)
+    """The outcome of a run left to the live process that runs it (``harness run`` says so)."""
     return Outcome(spec, run_id, "busy", f"running in another process ({owner})")
 
 
@@ -112,12 +111,12 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         if existing is not None and existing.status == "finished" and not force:
             outcomes[h] = Outcome(spec, existing.id, "skipped",
                                   metrics=store.metric_dict(existing.id))
-        elif existing is not None and existing.status == "running" and owner_alive(existing.host):
-            outcomes[h] = busy(spec, existing.id, existing.host)
         else:
             if force and existing is not None and existing.status == "finished":
+                from harness.runner import run_dir_for
+
                 # --force recomputes: a final-step checkpoint would only be reloaded
-                shutil.rmtree(output_dir / spec.run_key / "checkpoint", ignore_errors=True)
+                shutil.rmtree(run_dir_for(output_dir, spec) / "checkpoint", ignore_errors=True)
             pending.append(spec)
     if scheduler == "ray" and pending:
         from harness.errors import require_module
@@ -132,7 +131,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         for spec in pending:
             try:
                 run = store.begin_run(spec, experiment_id, device=str(_device_name(device)))
-            except RunBusy as exc:  # started elsewhere since the check above
+            except RunBusy as exc:  # another live process runs it (Store.begin_run)
                 outcomes[spec.spec_hash()] = busy(spec, store.find_run(spec.spec_hash()).id,
                                                   exc.owner)
                 continue
