@@ -39,6 +39,11 @@ def _specs_from_flags(args) -> list:
     profile = args.profile or default_profile()
     in_features = decoder_in_features(model)
     overrides = _parse_sets(args.set)
+    for key, flag, given in (("bits", "--bits", args.bits),
+                             ("group_size", "--group-size", args.group_size)):
+        if key in overrides and given not in (None, []):  # one would silently win
+            raise HarnessError(f"{key} is given twice ({flag} and --set {key}="
+                               f"{overrides[key]}); keep one")
     if args.group_size is not None:
         overrides["group_size"] = args.group_size
     eval_over = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len,

@@ -122,6 +122,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "negative steps": ([*run, "--methods", "qat", "--set", "train.steps=-1", *QUICK],
                            "train.steps"),
         "negative lr": ([*run, "--methods", "qat", "--set", "train.lr=-1", *QUICK], "train.lr"),
+        "bits given twice": ([*run, "--methods", "rtn", "--bits", "3", "--set", "bits=2",
+                              *QUICK], "bits is given twice"),
         "missing model path": ([*run, "--methods", "rtn", "--model", root / "nope"],
                                "does not exist"),
         "garbage safetensors": ([*run, "--methods", "rtn", "--model", garbage],
@@ -203,7 +205,7 @@ def test_at_least_twenty_distinct_bad_inputs(results):
 @pytest.mark.parametrize("name", [
     "unknown method", "unknown format", "unknown loss", "unknown task", "bits 0", "bits 9",
     "symmetric 1-bit", "bits for onebit",
-    "group size not dividing", "negative steps", "negative lr", "missing model path",
+    "group size not dividing", "negative steps", "negative lr", "bits given twice", "missing model path",
     "garbage safetensors", "truncated safetensors", "truncated gguf",
     "model folder without config", "unknown hub model", "malformed yaml", "unknown yaml key", "unreachable database",
     "database not a url", "read-only output dir", "output dir is a file", "absurd batch",
