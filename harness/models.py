@@ -8,6 +8,7 @@ Nothing downloads at run time unless the user names a hub model and has network.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -180,9 +181,11 @@ def _check_path(name: str) -> None:
         _check_safetensors(weights)
 
 
+@functools.cache  # planning (model_config) and loading both check: one request per process
 def _check_hub_id(name: str) -> None:
     """A Hugging Face id must be cached or on a reachable hub. Checked with one request, so a
-    typo fails in a line instead of transformers retrying the hub for half a minute."""
+    typo fails in a line instead of transformers retrying the hub for half a minute (a failed
+    check raises, and is not cached)."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
     others = f"pass a local checkpoint folder or one of: {', '.join(MODELS.names())}"
