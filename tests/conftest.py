@@ -2,7 +2,10 @@
 
 Tiers (markers): unit/integration (default, tiny-llama), ``slow`` (embedded SmolLM2),
 ``gpu`` (skipped without CUDA), ``browser`` (headless Chromium), ``postgres``.
-``HARNESS_FAST=1`` (``make test-fast``) deselects slow tests.
+
+Skips are accounted for: the summary lists every skip with its reason, and under ``CI=true``
+(``.ci/run`` sets it) a skip outside :data:`ALLOWED_SKIPS` fails the run, so a tier whose
+tool failed to install, or a fixture that skips, cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -18,12 +21,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# The one skip a CI machine may take: it has no GPU. Anything else that skips there (a browser
+# or PostgreSQL that did not install, a compiler missing, a fixture giving up) is a failure.
+GPU_SKIP = "needs CUDA (the gpu tier)"
+ALLOWED_SKIPS = {GPU_SKIP}
+_skipped: list[tuple[str, str]] = []  # (nodeid, reason) of every skipped test
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs CUDA")
+        skip = pytest.mark.skip(reason=GPU_SKIP)
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append((report.nodeid, _skip_reason(report)))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unexpected_skips() -> list[tuple[str, str]]:
+    return [(node, why) for node, why in _skipped if why not in ALLOWED_SKIPS]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _in_ci() and _unexpected_skips() and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _skipped:
+        return
+    tr = terminalreporter
+    tr.section("skips by reason")
+    counts: dict[str, int] = {}
+    for _, why in _skipped:
+        counts[why] = counts.get(why, 0) + 1
+    for why, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        tag = "allowed" if why in ALLOWED_SKIPS else "NOT ALLOWED in CI"
+        tr.write_line(f"{n:5d}  {why}  [{tag}]")
+    unexpected = _unexpected_skips()
+    if unexpected and _in_ci():
+        tr.write_line(f"CI=true: {len(unexpected)} test(s) skipped outside the allow-list "
+                      f"({', '.join(sorted(ALLOWED_SKIPS))}); the run fails:", red=True)
+        for node, why in unexpected:
+            tr.write_line(f"  {node}: {why}", red=True)
 
 
 @pytest.fixture

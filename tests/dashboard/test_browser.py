@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import websockets.sync.client  # noqa: F401  (Streamlit brings it; imported, never skipped)
 
 from dashboard import browser
 
@@ -14,7 +15,6 @@ def chromium():
     path = browser.find_chromium()
     if not path:
         pytest.skip("chromium is not installed (apt-get install chromium; `make test-deps`)")
-    pytest.importorskip("websockets.sync.client", reason="needs websockets>=12 (a Streamlit dep)")
     return path
 
 

@@ -184,7 +184,6 @@ def test_negative_zero_latent_weight_is_plus_one_in_both_forms():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_folded_layer_on_cuda_under_bf16_autocast():
     # The trainer's setting: fp32 parameters, bf16 autocast. Folding moves the bf16 rounding
     # from x * g to h g^T * sign: the outputs agree to bf16 precision, the packed form exactly.
@@ -297,7 +296,6 @@ def test_batched_onebit_training_step_equals_per_layer(amp, chunk):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_onebit_training_step_equals_per_layer_on_cuda():
     model = _tiny_onebit().cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 32), device="cuda")

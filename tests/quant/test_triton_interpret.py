@@ -1,7 +1,8 @@
 """The Triton kernels, run by Triton's interpreter on the CPU, equal the op-by-op reference graph:
 forward bit for bit, backward within float tolerance, and packing stores the codes the kernel
 trains with. The same kernels run compiled on CUDA in tests/quant/test_triton_fq.py (marker
-gpu); this file keeps their logic tested where no GPU is (CI). Skipped without Triton."""
+gpu); this file keeps their logic tested where no GPU is (CI). Triton is a dev dependency:
+imported, never skipped."""
 
 import itertools
 import json
@@ -11,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton  # noqa: F401  (a dev dependency: a missing one fails here, it does not skip)
 
-pytest.importorskip("triton")
-
-from tests.quant import triton_interpret_cases as cases  # noqa: E402
+from tests.quant import triton_interpret_cases as cases
 
 HERE = Path(__file__).parent
 

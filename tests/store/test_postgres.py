@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg  # noqa: F401  (a dev dependency: imported, never skipped)
 import pytest
 
 pytestmark = pytest.mark.postgres
@@ -37,7 +38,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def pg_url(tmp_path_factory):
-    pytest.importorskip("psycopg", reason="needs psycopg: pip install 'lowbit-harness[postgres]'")
     bindir = _bin_dir()
     if bindir is None or not (bindir / "initdb").exists():
         pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
