@@ -18,13 +18,15 @@ class StoreRecorder(Recorder):
         self.run_id = run_id
 
     def metric(self, name: str, value: float, task: str | None = None, **extra: Any) -> None:
-        self.store.add_metric(self.run_id, name, _num(value), task=task, extra=extra or None)
+        self.store.add_metric(self.run_id, name, _num(value, name), task=task,
+                              extra=extra or None)
 
     def train_step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.store.add_train_step(self.run_id, step, _num(loss), lr, tokens_per_s)
+        self.store.add_train_step(self.run_id, step, _num(loss, "train loss"), lr, tokens_per_s)
 
     def layer_stat(self, layer: str, module: str, stat: str, value: float) -> None:
-        self.store.add_layer_stat(self.run_id, layer, module, stat, _num(value))
+        self.store.add_layer_stat(self.run_id, layer, module, stat,
+                                 _num(value, f"{stat} of {layer}.{module}"))
 
     def artifact(self, kind: str, path: str) -> None:
         self.store.add_artifact(self.run_id, kind, path)
@@ -40,16 +42,16 @@ class BufferRecorder(Recorder):
         self.records: list[tuple[str, dict[str, Any]]] = []
 
     def metric(self, name, value, task=None, **extra):
-        self.records.append(("metric", dict(name=name, value=_num(value), task=task,
+        self.records.append(("metric", dict(name=name, value=_num(value, name), task=task,
                                             extra=extra or None)))
 
     def train_step(self, step, loss, lr, tokens_per_s):
-        self.records.append(("train_step", dict(step=step, loss=_num(loss), lr=lr,
+        self.records.append(("train_step", dict(step=step, loss=_num(loss, "train loss"), lr=lr,
                                                 tokens_per_s=tokens_per_s)))
 
     def layer_stat(self, layer, module, stat, value):
         self.records.append(("layer_stat", dict(layer=layer, module=module, stat=stat,
-                                                value=_num(value))))
+                                                value=_num(value, f"{stat} of {layer}.{module}"))))
 
     def artifact(self, kind, path):
         self.records.append(("artifact", dict(kind=kind, path=path)))
@@ -74,11 +76,18 @@ def replay(records, store, run_id: int) -> None:
             getattr(rec, kind)(**kw)
 
 
-def _num(value):
-    """Plain float for the database (tensors, numpy scalars); NaN/inf kept as floats."""
+def _num(value, name: str):
+    """Plain float for the database (tensors, numpy scalars); inf and NaN stay floats (SQLite
+    itself stores NaN as NULL), None stays "not measured".
+
+    Raises:
+        TypeError: a value that is not a number: a bug in whatever recorded it, named here
+            rather than stored as a silent NULL.
+    """
     if value is None:
         return None
     try:
         return float(value)
-    except (TypeError, ValueError):
-        return None
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise TypeError(f"metric {name!r}: {type(value).__name__} value {value!r:.80} is not a "
+                        f"number") from None

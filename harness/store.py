@@ -7,8 +7,10 @@ All queries go through the ORM: no SQL is built from strings.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +41,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = "sqlite:///runs/harness.db"
 STATUSES = ("pending", "running", "finished", "failed")
@@ -171,15 +175,36 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)
 
 
+_NO_WAL_REPORTED: set[str] = set()
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    """Writable SQLite connections only (read-only ones never switch the journal mode)."""
     cur = dbapi_conn.cursor()
     try:
-        cur.execute("PRAGMA journal_mode=WAL")
-    except Exception:  # read-only connections cannot switch the journal mode
-        pass
+        row = cur.execute("PRAGMA journal_mode=WAL").fetchone()
+        mode = str(row[0]).lower() if row else "unknown"
+        problem = None if mode in ("wal", "memory") else f"the journal mode stayed {mode!r}"
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem:
+        _report_no_wal(cur, problem)
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _report_no_wal(cur, problem: str) -> None:
+    """Without WAL a reader (the dashboard) blocks the writer: the run goes on, but the user
+    should know why it stalls. Once per file; temporary and in-memory databases need no WAL."""
+    files = [row[2] for row in cur.execute("PRAGMA database_list").fetchall() if row[1] == "main"]
+    path = files[0] if files else ""
+    if not path or path in _NO_WAL_REPORTED:
+        return
+    _NO_WAL_REPORTED.add(path)
+    log.warning("database %s: SQLite could not switch to WAL journaling (%s); a reader such as "
+                "the dashboard will block writes while it reads. Keep the file on a local disk, "
+                "or use --db postgresql+psycopg://...", path, problem)
 
 
 def _bad_db(url: str, why: str, readonly: bool = False) -> HarnessError:

@@ -122,3 +122,54 @@ def test_locked_database_is_a_one_line_error_not_an_empty_one(tmp_path):
     finally:
         store_mod.READONLY_BUSY_S = old
         con.execute("ROLLBACK")
+
+
+class _NoWalCursor:
+    """A DB-API cursor whose WAL switch fails as on a file system without shared memory."""
+
+    def __init__(self, real, fail_with):
+        self.real, self.fail_with = real, fail_with
+
+    def execute(self, sql, *args):
+        if sql.startswith("PRAGMA journal_mode") and self.fail_with is not None:
+            if isinstance(self.fail_with, Exception):
+                raise self.fail_with
+            return _Rows([(self.fail_with,)])
+        return self.real.execute(sql, *args)
+
+    def close(self):
+        self.real.close()
+
+
+class _Rows(list):
+    def fetchone(self):
+        return self[0]
+
+
+@pytest.mark.parametrize("fail_with", [sqlite3.OperationalError("disk I/O error"), "delete"])
+def test_a_writable_database_without_wal_is_reported_once(tmp_path, caplog, fail_with):
+    from harness import store as store_mod
+
+    path = tmp_path / f"nowal-{type(fail_with).__name__}.db"
+    con = sqlite3.connect(path)
+
+    class Conn:
+        def cursor(self):
+            return _NoWalCursor(con.cursor(), fail_with)
+
+    with caplog.at_level("WARNING", logger="harness.store"):
+        store_mod._sqlite_pragmas(Conn(), None)
+        store_mod._sqlite_pragmas(Conn(), None)  # a second connection to the same file
+    warnings = [r.getMessage() for r in caplog.records if "WAL" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+    assert ("disk I/O error" if isinstance(fail_with, Exception) else "stayed 'delete'") \
+        in warnings[0]
+    assert con.execute("PRAGMA foreign_keys").fetchone() == (1,)  # the other pragmas still ran
+
+
+def test_a_normal_database_switches_to_wal_silently(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="harness.store"):
+        Store(f"sqlite:///{tmp_path / 'ok.db'}").begin_run(_spec())
+    assert not [r for r in caplog.records if "WAL" in r.getMessage()]
+    with sqlite3.connect(tmp_path / "ok.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
