@@ -195,17 +195,41 @@ def _crash_message(exc: BaseException) -> str:
 
 
 def read_spool(path: Path) -> list:
-    """Records a dead worker had written; a torn last line is dropped."""
-    out = []
+    """Records a dead worker had written.
+
+    Only a torn last line is dropped: the worker died in the middle of writing it, so no
+    newline follows it. Any complete line that is not a record means the file was damaged, and
+    replaying around it would store a run with a hole in it.
+
+    Raises:
+        HarnessError: a complete line that is not a record, naming the file and the line.
+    """
+    out: list = []
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
+    lines = path.read_text(errors="replace").split("\n")
+    lines.pop()  # "" after the final newline, or the torn line a SIGKILL cut short
+    for number, line in enumerate(lines, 1):
         try:
             kind, kw = json.loads(line)
-        except (ValueError, TypeError):
-            continue
+            if not isinstance(kind, str) or not isinstance(kw, dict):
+                raise TypeError(f"expected [kind, {{...}}], got {line[:60]!r}")
+        except (ValueError, TypeError) as exc:
+            raise HarnessError(
+                f"the worker's record spool {path} is damaged at line {number} ({exc}); its "
+                f"records cannot be recovered: delete that file and rerun to resume from the "
+                f"last checkpoint") from None
         out.append((kind, kw))
     return out
+
+
+def _recover(path: Path, error: str) -> tuple[list, str]:
+    """(records, error) of a run whose worker is gone; a damaged spool joins the run's error
+    instead of stopping the driver, which still has other runs to close."""
+    try:
+        return read_spool(path), error
+    except HarnessError as exc:
+        return [], f"{error}; {exc}"
 
 
 def _set_device(store, run_id: int, device: str) -> None:
@@ -283,8 +307,8 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                error = _crash_message(exc)
-                records = read_spool(run_dir_for(output_dir, spec) / SPOOL_NAME)
+                records, error = _recover(run_dir_for(output_dir, spec) / SPOOL_NAME,
+                                          _crash_message(exc))
                 result = dict(status="failed", error=error, metrics={}, records=records,
                               wall_s=None, device=None)
             replay(result["records"], store, run_id)
@@ -302,8 +326,10 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
             ray.cancel(ref, force=True)
             # what the worker logged before it was stopped (its steps up to the checkpoint the
             # rerun resumes from); a rerun's worker starts a new spool
-            replay(read_spool(run_dir_for(output_dir, spec) / SPOOL_NAME), store, run_id)
-            store.end_run(run_id, "failed", str(explain(exc)))
+            records, error = _recover(run_dir_for(output_dir, spec) / SPOOL_NAME,
+                                      str(explain(exc)))
+            replay(records, store, run_id)
+            store.end_run(run_id, "failed", error)
         raise
     finally:
         if started:
