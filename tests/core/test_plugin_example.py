@@ -1,44 +1,79 @@
-"""The example plugin package in examples/plugin-absmax works through its declared entry point."""
+"""The example plugin in examples/plugin-absmax, installed for real, runs through the CLI.
 
+pip installs a copy of it (its build would otherwise leave build/ and *.egg-info in the
+checkout) with ``--target`` into a temporary folder, which the CLI subprocess gets on
+PYTHONPATH: the entry point is found from the installed metadata, as after ``pip install``, and
+the project's .venv is left unchanged. Offline: no index, no dependencies, no build isolation
+(setuptools comes from the .venv).
+"""
+
+import os
+import shutil
+import subprocess
 import sys
-from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
-import tomllib
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin-absmax"
-
-
-@pytest.fixture
-def plugin(monkeypatch):
-    meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
-    eps = [EntryPoint(name=n, value=v, group="harness.methods")
-           for n, v in meta["project"]["entry-points"]["harness.methods"].items()]
-    import harness.registry as registry
-
-    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
-    monkeypatch.setattr(registry, "entry_points",
-                        lambda group: eps if group == "harness.methods" else [])
-    monkeypatch.setattr(registry.METHODS, "_plugins_loaded", False)
-    yield
-    registry.METHODS._items.pop("absmax", None)
-    sys.modules.pop("lowbit_absmax.method", None)
-    sys.modules.pop("lowbit_absmax", None)
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "plugin-absmax"
 
 
-def test_example_plugin_runs_through_the_cli(plugin, cli, db_url, tmp_path):
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory) -> dict:
+    """Environment for a harness subprocess that has the example plugin installed."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    src = shutil.copytree(EXAMPLE, tmp / "src", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__"))
+    site = tmp / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+         "--no-index", "--disable-pip-version-check", "--no-cache-dir", "--quiet",
+         "--target", str(site), str(src)],
+        capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    assert (site / "lowbit_absmax").is_dir(), sorted(p.name for p in site.iterdir())
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def harness(env: dict, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *map(str, args)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_installed_plugin_runs_next_to_rtn_through_the_cli(plugin_env, tmp_path):
+    """README "Adding a method": `harness run --methods rtn,absmax --bits 4` after installing
+    the package puts both in one table and database."""
     from harness.store import Store
 
-    code, out, _ = cli("methods")
-    assert code == 0 and "absmax" in out and "Symmetric absmax" in out
-    code, out, err = cli("run", "--methods", "absmax", "--bits", "4", "--model", "tiny-llama",
-                         "--tasks", "", "--max-eval-tokens", "256", "--seq-len", "128",
-                         "--no-fp", "--db", db_url, "--output-dir", str(tmp_path / "runs"))
-    assert code == 0, err
-    (run,) = Store(db_url).runs("finished")
-    assert run.method == "absmax" and run.bits == 4 and run.spec["config"]["symmetric"] is True
-    # Symmetric storage has no zero points: 4 bits + one fp16 scale per group (auto: 64 here).
-    assert run.group_size == 64
-    bpw = Store(db_url).metric_dict(run.id)["bits_per_weight"]
-    assert bpw == pytest.approx(4 + 16 / 64)
+    db = f"sqlite:///{tmp_path / 'h.db'}"
+    methods = harness(plugin_env, "methods")  # side by side: each spends seconds on imports
+    run = harness(plugin_env, "run", "--methods", "rtn,absmax", "--bits", "4",
+                  "--model", "tiny-llama", "--tasks", "", "--max-eval-tokens", "256",
+                  "--seq-len", "128", "--db", db, "--output-dir", tmp_path / "runs")
+    try:
+        out, err = methods.communicate(timeout=300)
+        assert methods.returncode == 0, err[-3000:]
+        assert "absmax" in out and "Symmetric absmax" in out, out
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        assert " absmax " in out and " rtn " in out, out
+    finally:  # a failed assertion leaves no process behind
+        for proc in (methods, run):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    store = Store(db, readonly=True)
+    runs = {r.method: r for r in store.runs("finished")}
+    assert set(runs) == {"fp", "rtn", "absmax"}, [(r.method, r.status) for r in store.runs()]
+    absmax, rtn = runs["absmax"], runs["rtn"]
+    assert absmax.bits == 4 and absmax.spec["config"]["symmetric"] is True
+    assert rtn.bits == 4 and rtn.spec["config"]["symmetric"] is False
+    # Symmetric storage has no zero points: 4 bits + one fp16 scale per group (auto: 64 here);
+    # rtn's asymmetric grid also stores a zero point per group.
+    assert absmax.group_size == 64
+    bpw = {m: store.metric_dict(r.id)["bits_per_weight"] for m, r in runs.items() if m != "fp"}
+    assert bpw["absmax"] == pytest.approx(4 + 16 / 64)
+    assert bpw["rtn"] > bpw["absmax"]

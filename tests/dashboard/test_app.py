@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 PAGES = ["leaderboard", "compare", "training", "layers", "detail"]
@@ -27,6 +26,14 @@ def _text(at: AppTest) -> str:
     for kind in ("title", "subheader", "markdown", "caption", "info", "warning", "error", "code"):
         parts += [str(e.value) for e in getattr(at, kind)]
     return "\n".join(parts)
+
+
+def _charts(at: AppTest) -> list[tuple[int, list[str]]]:
+    """(traces, annotation texts) of every plotly chart on the page; an empty chart has no
+    traces and a note saying why."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return [(len(s["data"]), [a.get("text") for a in s["layout"].get("annotations", [])])
+            for s in specs]
 
 
 def _ok(at: AppTest) -> None:
@@ -99,13 +106,33 @@ def test_detail_of_running_run(monkeypatch, fake_db):
     assert "still running" in _text(at)
 
 
-def test_compare_with_only_failed_selected(monkeypatch, fake_db):
-    at = _app(monkeypatch, fake_db[0])
+def test_compare_offers_finished_runs_only(monkeypatch, fake_db):
+    """A failed run has no metrics to plot, so the compare page does not offer it (nor the
+    running one); with no run selected each chart says it is empty instead of failing."""
+    from dashboard import queries
+    from harness.store import Store
+
+    url, ids = fake_db
+    board = queries.leaderboard(Store(url, readonly=True))
+    label = dict(zip(board["id"], board["label"], strict=True))
+    at = _app(monkeypatch, url)
     at.sidebar.radio(key="page").set_value("compare").run()
-    at.multiselect(key="cmp_runs").set_value([]).run()
     _ok(at)
+    runs = at.multiselect(key="cmp_runs")
+    finished = [label[ids[m]] for m in ("fp", "rtn", "clip", "qat", "bitdistiller", "onebit")]
+    assert sorted(runs.options) == sorted(finished)
+    assert label[ids["failed"]] not in runs.options and label[ids["running"]] not in runs.options
+    charts = _charts(at)  # metrics, Pareto, accuracy
+    assert len(charts) == 3 and all(traces for traces, _ in charts), charts
+    runs.set_value([]).run()
+    _ok(at)
+    empty = [(0, ["no runs with these metrics"]),
+             (0, ["no finished runs with size and perplexity"])]
+    assert _charts(at) == empty
+    assert "No task accuracy stored" in _text(at)
     at.radio(key="cmp_x").set_value("bits_per_weight").run()
     _ok(at)
+    assert _charts(at) == empty
 
 
 def test_layers_page_switch_run(monkeypatch, fake_db):
@@ -141,4 +168,6 @@ def test_only_a_failed_run(monkeypatch, tmp_path):
     for page in PAGES:
         at = _app(monkeypatch, url, page=page)
         _ok(at)
+        if page == "compare":
+            assert "No finished runs to compare yet." in _text(at)
     assert "out of memory" in _text(at)
