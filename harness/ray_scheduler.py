@@ -148,14 +148,38 @@ def _init_ray(ray_address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if ray_address:
+        _check_reachable(ray_address)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-        ray.init(address=ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
+        try:
+            ray.init(address=ray_address, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None)
+        except (ConnectionError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise HarnessError(
+                f"could not join the Ray cluster at --ray-address {ray_address} ({first}); a "
+                f"cluster started by `ray start` uses token authentication: set "
+                f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
+                f"RAY_AUTH_TOKEN)") from None
     else:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT nobody listens on fails here in a line: Ray itself retries for minutes.
+    Other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout_s).close()
+    except OSError as exc:
+        raise HarnessError(
+            f"no Ray cluster answers at --ray-address {address} "
+            f"({exc.strerror or type(exc).__name__}); start one with `ray start --head "
+            f"--port {port}` or leave out --ray-address to run a local one") from None
 
 
 def _gpus_per_task(requested: float) -> float:
@@ -260,8 +284,16 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
 
     Returns:
         ``{spec_hash: Outcome}`` for every pending spec.
+
+    Raises:
+        HarnessError: Ray is not installed, or the cluster at ``ray_address`` cannot be joined
+            (before any run row is written).
     """
-    import ray
+    try:
+        import ray
+    except ImportError:  # the module imports without Ray so that this can say it in a line
+        raise HarnessError("the Ray scheduler needs the package 'ray': install it (pip install "
+                           "'ray>=2.30'), or pass --scheduler inline") from None
 
     from harness.recorders import replay
     from harness.runner import run_dir_for

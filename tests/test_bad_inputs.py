@@ -59,6 +59,7 @@ CASE_NAMES = [
     "output dir is a file", "absurd batch", "eval window 0", "--set without =",
     "--set unknown key", "show missing run", "show on missing db", "list on a foreign database",
     "dashboard missing db", "unknown device", "absent device", "ray flag without ray",
+    "ray cluster unreachable",
     "eval tokens below one window", "argument of the wrong type", "gen-data samples 0",
     "gen-data temperature 0",
 ]
@@ -317,6 +318,10 @@ def _cases(root: Path, hub_url: str) -> dict[str, Case]:
                                "unknown device 'tpu'"),
         "absent device": Case([*run, "--methods", "rtn", "--device", "cuda:99", *QUICK],
                               "--device cuda:99"),
+        # Ray's own connect retries for minutes; the harness asks the port once
+        "ray cluster unreachable": Case([*run, "--methods", "rtn", "--scheduler", "ray",
+                                         "--ray-address", f"127.0.0.1:{_closed_port()}", *QUICK],
+                                        "no Ray cluster answers at --ray-address"),
         "ray flag without ray": Case([*run, "--methods", "rtn", "--gpus-per-run", "1", *QUICK],
                                      "only applies to the Ray scheduler"),
         "eval tokens below one window": Case([*run, "--methods", "rtn", "--model", "tiny-llama",

@@ -85,10 +85,6 @@ def test_a_feature_whose_module_is_missing_fails_in_one_line(cli, db_url, monkey
     assert needle in err and f"module {missing} is missing" in err, err
 
 
-@pytest.mark.xfail(strict=True, raises=ModuleNotFoundError,
-                   reason="harness.ray_scheduler imports ray only inside run_with_ray, so "
-                          "require_module never sees it missing: the import escapes as a "
-                          "traceback. Drop this mark once the Ray scheduler checks for ray.")
 def test_ray_scheduler_without_ray_fails_in_one_line(cli, db_url, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     code, _, err = cli("run", EXPERIMENT, "--scheduler", "ray", "--db", db_url,
@@ -96,6 +92,10 @@ def test_ray_scheduler_without_ray_fails_in_one_line(cli, db_url, monkeypatch, t
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and "Traceback" not in err, err
     assert len(errors) == 1 and "'ray'" in errors[0] and "install" in errors[0], err
+    assert "--scheduler inline" in errors[0]
+    from harness.store import Store
+
+    assert Store(db_url, readonly=True).runs() == []  # refused before any run row
 
 
 def test_runs_score_the_offline_tasks_unless_told_not_to():

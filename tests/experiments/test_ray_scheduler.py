@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
 
+# `ray start` turns on token authentication; a driver joining it says so (the token itself is
+# read from ~/.ray/auth_token, where the head wrote it)
+ENV = dict(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="token")
+
+
 def harness(*args, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, **ENV)
     return subprocess.run([*HARNESS, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300, **kw)
 
@@ -62,6 +65,41 @@ def test_smoke_experiment_through_ray_then_rerun_skips(tmp_path):
     assert all(r.attempts == 1 for r in Store(db, readonly=True).runs())
 
 
+def _spool(tmp_path, text: str) -> Path:
+    path = tmp_path / ".ray-records.jsonl"
+    path.write_text(text)
+    return path
+
+
+STEP = '["train_step", {"step": %d, "loss": 2.5, "lr": 1e-05, "tokens_per_s": 10.0}]\n'
+
+
+def test_spool_drops_only_a_torn_last_line(tmp_path):
+    from harness.ray_scheduler import read_spool
+
+    whole = STEP % 1 + STEP % 2
+    assert [kw["step"] for _, kw in read_spool(_spool(tmp_path, whole))] == [1, 2]
+    torn = whole + (STEP % 3)[:25]  # SIGKILL in the middle of the third write
+    assert [kw["step"] for _, kw in read_spool(_spool(tmp_path, torn))] == [1, 2]
+    assert read_spool(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.parametrize("bad", ['{"not": "a record"}\n', "garbage\n", "\n"])
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_spool_damaged_at_a_complete_line_names_the_file_and_line(tmp_path, bad, where):
+    from harness.errors import HarnessError
+    from harness.ray_scheduler import _recover, read_spool
+
+    text = STEP % 1 + bad + STEP % 2 if where == "middle" else STEP % 1 + STEP % 2 + bad
+    path = _spool(tmp_path, text)
+    line = 2 if where == "middle" else 3
+    with pytest.raises(HarnessError, match=f"{path} is damaged at line {line} "):
+        read_spool(path)
+    records, error = _recover(path, "worker died; rerun to resume")
+    assert records == [] and error.startswith("worker died; rerun to resume; ")
+    assert f"line {line}" in error and "delete that file" in error
+
+
 KILL = """
 name: kill-test
 model: tiny-llama
@@ -97,7 +135,7 @@ def _worker_pid(name: str, timeout: float = 240) -> int:
     raise AssertionError(f"no Ray worker process named {name}")
 
 
-def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path):
+def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path, ray_head):
     from harness.experiments import load_experiment
     from harness.ray_scheduler import WORKER_DIED
     from harness.store import Store
@@ -107,8 +145,9 @@ def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path):
     qat = next(s for s in load_experiment(exp_file).specs if s.method == "qat")
     db = f"sqlite:///{tmp_path / 'x.db'}"
     out = tmp_path / "runs"
-    args = ["run", exp_file, "--no-fp", "--db", db, "--output-dir", out]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args = ["run", exp_file, "--no-fp", "--db", db, "--output-dir", out,
+            "--ray-address", ray_head]
+    env = dict(os.environ, **ENV)
     proc = subprocess.Popen([*HARNESS, *map(str, args)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -148,7 +187,7 @@ def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path):
     assert len(names) == len(set(names))
 
 
-def test_sigterm_to_the_driver_marks_runs_in_flight_failed_and_exits_143(tmp_path):
+def test_sigterm_to_the_driver_marks_runs_in_flight_failed_and_exits_143(tmp_path, ray_head):
     """ray.init replaces the driver's SIGTERM handler with sys.exit; ours is put back."""
     from harness.store import Store
 
@@ -156,9 +195,9 @@ def test_sigterm_to_the_driver_marks_runs_in_flight_failed_and_exits_143(tmp_pat
     exp_file.write_text(KILL.replace("steps: 30,", "steps: 3000,"))
     db = f"sqlite:///{tmp_path / 'x.db'}"
     out = tmp_path / "runs"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, **ENV)
     proc = subprocess.Popen([*HARNESS, "run", str(exp_file), "--no-fp", "--db", db,
-                             "--output-dir", str(out)], cwd=ROOT, env=env, text=True,
+                             "--output-dir", str(out), "--ray-address", ray_head], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 400
@@ -174,3 +213,27 @@ def test_sigterm_to_the_driver_marks_runs_in_flight_failed_and_exits_143(tmp_pat
     assert "error: interrupted by SIGTERM; rerun the same command to resume" in stderr
     runs = {r.method: r for r in Store(db, readonly=True).runs()}
     assert runs["qat"].status == "failed" and "interrupted by SIGTERM" in runs["qat"].error
+
+
+def test_a_cluster_that_refuses_the_driver_is_one_line(monkeypatch):
+    """Reachable but refusing (a `ray start` cluster joined without RAY_AUTH_MODE=token): Ray
+    raises ConnectionError after its retries; the harness says what to set."""
+    import socket as socket_mod
+
+    import ray
+
+    from harness.errors import HarnessError
+    from harness.ray_scheduler import _init_ray
+
+    def refuse(**kw):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kw['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with socket_mod.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(HarnessError, match="could not join the Ray cluster at --ray-address "
+                                               f"{address} .*RAY_AUTH_MODE=token"):
+            _init_ray(address)
