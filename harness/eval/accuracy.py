@@ -25,6 +25,13 @@ STANDARD_TASKS = ("arc_challenge", "arc_easy", "piqa", "hellaswag", "winogrande"
 METRICS = ("acc", "acc_norm")
 # Bootstrap is only used for non-mean aggregations; acc/acc_norm stderr is analytic (cheap).
 BOOTSTRAP_ITERS = 100
+# What `datasets` (5.x) and `huggingface_hub` raise for a dataset that is neither cached nor
+# reachable: ConnectionError when offline or without network (datasets wraps the hub's
+# OfflineModeIsEnabled, itself one, and its network errors in it: measured with arc_easy and
+# piqa), FileNotFoundError for "not found" (DatasetNotFoundError, DataFilesNotFoundError,
+# EmptyDatasetError and the hub's LocalEntryNotFoundError subclass it). Anything else loading a
+# suite is a bug and surfaces as itself.
+MISSING_DATA_ERRORS = (ConnectionError, FileNotFoundError)
 
 
 def _offline_env() -> None:
@@ -81,7 +88,7 @@ def _load_checked(task_manager, names: tuple[str, ...]) -> None:
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 task_manager.load([name])
-        except Exception as exc:  # datasets raises many types when offline
+        except MISSING_DATA_ERRORS as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise HarnessError(
                 f"task {name!r}: its dataset is not available offline ({first}); run it once "

@@ -111,6 +111,122 @@ def test_evaluate_tasks_on_tiny_records_metrics(tiny, tmp_path, monkeypatch, cap
     assert "not a git repository" not in capfd.readouterr().err
 
 
+# A character-level model that "knows" a table: after each three-character window it puts logit
+# 32 on the character the table gives (a space for windows it does not know) and 0 elsewhere. In
+# float32 log_softmax of such a row is exactly 0 and -32 (exp(-32) * 80 vanishes next to 1), so a
+# continuation's log-likelihood is exactly -32 x its mispredicted characters, and it is lm-eval's
+# greedy continuation iff nothing is mispredicted: every outcome follows from the documents.
+WINDOW, PEAK, DEFAULT = 3, 32.0, " "
+
+
+def _char_lm(alphabet: str, table: dict[str, str]):
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+    from transformers.modeling_outputs import CausalLMOutput
+
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    chars = {i: c for c, i in vocab.items()}
+
+    class Config(PretrainedConfig):
+        model_type = "window_table_lm"
+
+    class WindowTableLM(PreTrainedModel):
+        config_class = Config
+
+        def __init__(self):
+            super().__init__(Config())
+            self.peak = torch.nn.Parameter(torch.tensor(PEAK))  # evaluate_tasks reads a device
+
+        def forward(self, input_ids, **_):
+            rows = [[chars[i] for i in row] for row in input_ids.tolist()]
+            nxt = [[vocab[table.get("".join(r[max(0, j - WINDOW + 1):j + 1]), DEFAULT)]
+                    for j in range(len(r))] for r in rows]
+            hot = torch.nn.functional.one_hot(torch.tensor(nxt), len(vocab)).float()
+            return CausalLMOutput(logits=hot * self.peak)
+
+    return WindowTableLM(), tok
+
+
+def _misses(table: dict[str, str], context: str, continuation: str) -> int:
+    """Characters of ``continuation`` the table mispredicts. lm-eval moves the context's trailing
+    whitespace into the continuation (the nextline contexts end in a newline): scored too."""
+    text, start = context + continuation, len(context.rstrip())
+    return sum(text[j] != table.get(text[max(0, j - WINDOW):j], DEFAULT)
+               for j in range(start, len(text)))
+
+
+def _teach(table: dict[str, str], context: str, continuation: str) -> None:
+    """Makes the table predict every scored character of ``continuation`` after ``context``
+    (later lessons overwrite earlier ones where windows coincide)."""
+    text = context + continuation
+    for j in range(len(context.rstrip()), len(text)):
+        table[text[max(0, j - WINDOW):j]] = text[j]
+
+
+def test_evaluate_tasks_scores_a_known_model_exactly():
+    import math
+    from fractions import Fraction
+
+    folder = task_data.tasks_dir()
+    n = 10
+    docs = {t: [json.loads(x) for x in (folder / f"{t}.jsonl").read_text().splitlines()[:n]]
+            for t in task_data.OFFLINE_TASKS}
+    cloze, nextline = docs["shakespeare_cloze"], docs["shakespeare_nextline"]
+    table: dict[str, str] = {}
+    for i in (3, 5, 9):
+        _teach(table, cloze[i]["context"], cloze[i]["target"])
+    _teach(table, nextline[0]["context"], nextline[0]["choices"][nextline[0]["label"]])
+
+    # lm-eval: cloze acc = greedy; multiple choice predicts the first argmax of the
+    # log-likelihoods (acc) and of log-likelihood / characters of the choice (acc_norm).
+    cloze_hits = [_misses(table, d["context"], d["target"]) == 0 for d in cloze]
+    acc, acc_norm = [], []
+    for d in nextline:
+        miss = [_misses(table, d["context"], c) for c in d["choices"]]
+        acc.append(min(range(4), key=lambda i: miss[i]) == d["label"])
+        acc_norm.append(min(range(4), key=lambda i: Fraction(miss[i], len(d["choices"][i])))
+                        == d["label"])
+    # The design: exactly the taught cloze docs are greedy, and the three scores all differ
+    # (no 0 or 1, no stderr of 0), so a score recorded under another name cannot pass.
+    assert [i for i, hit in enumerate(cloze_hits) if hit] == [3, 5, 9]
+    assert (sum(cloze_hits), sum(acc), sum(acc_norm)) == (3, 4, 2)
+
+    def stderr(k):  # lm-eval's mean_stderr: sample standard deviation / sqrt(n)
+        return math.sqrt(k / n * (1 - k / n) / (n - 1))
+
+    class Rec:
+        rows = []
+
+        def metric(self, name, value, task=None, **extra):
+            self.rows.append((name, task, value))
+
+    alphabet = "".join(sorted({c for ds in docs.values() for d in ds
+                               for c in d["context"] + d.get("target", "")
+                               + "".join(d.get("choices", []))}))
+    model, tok = _char_lm(alphabet, table)
+    rec = Rec()
+    out = evaluate_tasks(model, tok, TASKS.split(","), n, rec)
+    expected = {"shakespeare_cloze/acc": sum(cloze_hits) / n,
+                "shakespeare_nextline/acc": sum(acc) / n,
+                "shakespeare_nextline/acc_norm": sum(acc_norm) / n,
+                "acc_avg": (sum(cloze_hits) / n + sum(acc) / n) / 2}
+    assert {k: out[k] for k in expected} == expected
+    assert out["shakespeare_cloze/acc_stderr"] == pytest.approx(stderr(sum(cloze_hits)), rel=1e-12)
+    assert out["shakespeare_nextline/acc_stderr"] == pytest.approx(stderr(sum(acc)), rel=1e-12)
+    assert out["shakespeare_nextline/acc_norm_stderr"] == pytest.approx(stderr(sum(acc_norm)),
+                                                                        rel=1e-12)
+    recorded = {(name, task): value for name, task, value in rec.rows}
+    assert recorded[("acc", "shakespeare_nextline")] == expected["shakespeare_nextline/acc"]
+    assert recorded[("acc_norm", "shakespeare_nextline")] == \
+        expected["shakespeare_nextline/acc_norm"]
+    assert recorded[("acc_avg", None)] == expected["acc_avg"]
+
+
 def test_cli_run_with_tasks_stores_task_metrics(cli, db_url, tmp_path):
     code, out, err = cli("run", "--methods", "rtn", "--bits", "3", "--model", "tiny-llama",
                          "--max-eval-tokens", "512", "--seq-len", "256", "--tasks", TASKS,
@@ -164,3 +280,69 @@ def test_standard_suite_without_cached_data_names_the_fix():
     msg = str(err.value)
     assert "'piqa'" in msg and "baber/piqa" in msg and "HF_DATASETS_CACHE" in msg
     assert "\n" not in msg
+
+
+def _uncached_arc_easy(tmp_path, monkeypatch):
+    """A task manager holding lm-eval's own arc_easy config, with an empty datasets cache and
+    offline mode on: what a user without that dataset cached has."""
+    import shutil
+
+    import datasets
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    (tmp_path / "tasks").mkdir()
+    shutil.copy(Path(lm_eval.tasks.__file__).parent / "arc" / "arc_easy.yaml", tmp_path / "tasks")
+    return TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+
+
+def test_real_uncached_standard_suite_is_the_one_line_error(tmp_path, monkeypatch):
+    from harness.eval.accuracy import _load_checked
+
+    with pytest.raises(HarnessError) as err:
+        _load_checked(_uncached_arc_easy(tmp_path, monkeypatch), ("shakespeare_cloze", "arc_easy"))
+    msg = str(err.value)
+    assert "'arc_easy': its dataset is not available offline" in msg and "allenai/ai2_arc" in msg
+    assert "\n" not in msg
+
+
+def _missing_data_errors():
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return [DatasetNotFoundError("Dataset 'baber/piqa' doesn't exist on the Hub"),
+            DataFilesNotFoundError("No (supported) data files found in baber/piqa"),
+            OfflineModeIsEnabled("Offline mode is enabled."),
+            LocalEntryNotFoundError("baber/piqa is not cached"),
+            FileNotFoundError("Couldn't find any data file at baber/piqa")]
+
+
+@pytest.mark.parametrize("exc", _missing_data_errors(), ids=lambda e: type(e).__name__)
+def test_each_missing_dataset_error_is_the_one_line_error(exc):
+    from harness.eval.accuracy import _load_checked
+
+    class Missing:
+        def load(self, names):
+            raise exc
+
+    with pytest.raises(HarnessError, match="'piqa': its dataset is not available offline"):
+        _load_checked(Missing(), ("piqa",))
+
+
+@pytest.mark.parametrize("exc", [KeyError("doc_to_text"), TypeError("bad template"),
+                                 ValueError("bad split"), PermissionError("cache is read-only")])
+def test_a_bug_loading_a_standard_suite_surfaces_as_itself(tmp_path, monkeypatch, exc):
+    """Only a missing dataset becomes "not available offline"; a bug keeps its own type."""
+    from lm_eval.tasks import TaskManager
+
+    from harness.eval.accuracy import _load_checked
+
+    def broken(self, names):
+        raise exc
+
+    monkeypatch.setattr(TaskManager, "load", broken)
+    with pytest.raises(type(exc)) as err:
+        _load_checked(_uncached_arc_easy(tmp_path, monkeypatch), ("arc_easy",))
+    assert err.value is exc
