@@ -161,7 +161,11 @@ def _init_ray(ray_address: str | None) -> bool:
                 f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
                 f"RAY_AUTH_TOKEN)") from None
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+        # address="local": a new instance of our own. Without it ray.init joins any cluster
+        # `ray start` (or another harness run) left registered on this machine, and then
+        # refuses num_cpus.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 log_to_driver=False,
                  logging_level=logging.WARNING)
     reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
     return True

@@ -38,7 +38,9 @@ def test_teacher_key_matches_training_blocks():
     assert teacher_key(rtn) is None
 
 
-def test_smoke_experiment_through_ray_then_rerun_skips(tmp_path):
+def test_smoke_experiment_through_ray_then_rerun_skips(tmp_path, ray_head):
+    """The default: a Ray instance of its own, even with another cluster (``ray_head``)
+    registered on this machine, which a bare ray.init() would join."""
     from harness.store import Store
 
     db = f"sqlite:///{tmp_path / 'x.db'}"
