@@ -13,7 +13,7 @@ from harness.scheduler import execute
 IN = {64, 192}
 TRAIN = {"steps": 6, "seq_len": 64, "batch_size": 2, "checkpoint_every": 2,
          "teacher_samples": 8, "teacher_new_tokens": 32}
-EVAL = {"max_tokens": 1024, "seq_len": 256}
+EVAL = {"max_tokens": 1024, "seq_len": 256, "tasks": ()}  # accuracy: tests/eval
 
 
 def _spec(method, **over):
@@ -297,7 +297,9 @@ def test_onebit_run_evaluates_and_exports_packed_through_the_cli(cli, db_url, tm
     from harness.export import load_packed
 
     code, _, err = cli("run", "--methods", "onebit", "--model", "tiny-llama", "--no-fp",
-                       "--tasks", "", "--set", "train.steps=2", "--max-eval-tokens", "512",
+                       "--tasks", "", "--set", "train.steps=2", "--set", "train.seq_len=32",
+                       "--set", "train.teacher_samples=4", "--set", "train.teacher_new_tokens=32",
+                       "--max-eval-tokens", "512",
                        "--seq-len", "128", "--db", db_url, "--output-dir", tmp_path / "runs")
     assert code == 0, err
     _, out, _ = cli("list", "--json", "--db", db_url)

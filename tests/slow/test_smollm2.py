@@ -40,14 +40,22 @@ def test_fp_heldout_ppl_on_the_quick_set(fp_smollm2):
 
 
 def test_rtn_ladder_on_smollm2_via_cli(cli, db_url, tmp_path, fp_smollm2):
-    # --no-fp: the FP reference on the same 4,096 tokens comes from the fixture's evaluation
+    # --no-fp: the FP reference on the same 4,096 tokens comes from the fixture's evaluation.
+    # --limit 10: the offline tasks scored end to end on the real model and tokenizer, on few
+    # examples (their numbers are tested in tests/eval; 50 each cost a minute per run here).
     code, out, err = cli("run", "--methods", "rtn", "--bits", "3,2", "--no-fp",
-                         "--max-eval-tokens", str(CLI_TOKENS), "--db", db_url,
+                         "--max-eval-tokens", str(CLI_TOKENS), "--limit", "10", "--db", db_url,
                          "--output-dir", tmp_path / "runs")
     assert code == 0, err
     assert "group=64" in err  # 128 does not divide 576: the harness picks 64 and says so
     code, out, _ = cli("list", "--json", "--db", db_url)
-    ppl = {(r["method"], r["bits"]): r["metrics"]["ppl"] for r in json.loads(out)}
+    runs = json.loads(out)
+    ppl = {(r["method"], r["bits"]): r["metrics"]["ppl"] for r in runs}
+    for r in runs:
+        m = r["metrics"]
+        accs = [m[f"{t}/acc"] for t in ("shakespeare_cloze", "shakespeare_nextline")]
+        assert all(0 <= a <= 1 and (a * 10).is_integer() for a in accs), m  # 10 examples each
+        assert m["acc_avg"] == pytest.approx(sum(accs) / 2)
     assert set(ppl) == {("rtn", 3), ("rtn", 2)}
     fp, w3, w2 = fp_smollm2[2], ppl[("rtn", 3)], ppl[("rtn", 2)]
     assert fp < w3 < w2
