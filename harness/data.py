@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import subprocess
 import sys
 import tarfile
@@ -105,6 +106,32 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+_SPLIT_IDS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A digest of the tokenizer's whole definition (vocabulary, merges, normalizer), so two
+    loads of one tokenizer share their token ids; None where there is no serialised form."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def split_ids(tokenizer, split: str) -> torch.Tensor:
+    """1-D token ids of ``split``, memoised per tokenizer definition and split: the training
+    plays take seconds to tokenize, and a process that runs several runs (a grid, the tests)
+    would tokenize them once per run. Callers must not modify the tensor in place."""
+    key = _tokenizer_key(tokenizer)
+    if key is None:
+        return tokenize(tokenizer, split_text(split))
+    if (key, split) not in _SPLIT_IDS:
+        if len(_SPLIT_IDS) >= 8:  # a long-lived process that meets many tokenizers
+            _SPLIT_IDS.pop(next(iter(_SPLIT_IDS)))
+        _SPLIT_IDS[(key, split)] = tokenize(tokenizer, split_text(split))
+    return _SPLIT_IDS[(key, split)]
+
+
 def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int | None = None,
                  seed: int = 0) -> torch.Tensor:
     """Non-overlapping ``[n, seq_len]`` blocks of ``split``, shuffled with ``seed``.
@@ -112,7 +139,7 @@ def token_blocks(tokenizer, split: str, seq_len: int, n_blocks: int | None = Non
     Raises:
         HarnessError: the split holds fewer than one block.
     """
-    ids = tokenize(tokenizer, split_text(split))
+    ids = split_ids(tokenizer, split)
     total = ids.numel() // seq_len
     if total == 0:
         raise HarnessError(f"split {split!r} has fewer than {seq_len} tokens; lower seq_len")

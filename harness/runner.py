@@ -141,7 +141,7 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
     for name, value in mem.items():
         recorder.metric(name, value)
         out[name] = value
-    ids = data.tokenize(tokenizer, data.split_text("eval"))
+    ids = data.split_ids(tokenizer, "eval")
     res = perplexity(model, ids, seq_len=spec.eval.seq_len, max_tokens=spec.eval.max_tokens,
                      progress=progress, desc=f"{spec.method} ppl")
     capped = spec.eval.max_tokens is not None and spec.eval.max_tokens < ids.numel()

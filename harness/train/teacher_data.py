@@ -27,7 +27,7 @@ def make_prompts(tokenizer, n: int, seed: int, prompt_tokens: int = PROMPT_TOKEN
     """``[n, prompt_tokens]`` prompts cut at random line starts of the training plays."""
     from harness import data
 
-    ids = data.tokenize(tokenizer, data.split_text("train"))
+    ids = data.split_ids(tokenizer, "train")
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - prompt_tokens - 1, (n * 4,), generator=gen)

@@ -36,3 +36,28 @@ def test_token_blocks_deterministic(tiny):
 def test_unknown_split():
     with pytest.raises(HarnessError, match="unknown split"):
         data.plays("dev")
+
+
+def test_split_ids_are_tokenized_once_per_tokenizer_definition(tiny, monkeypatch):
+    """Two loads of one tokenizer share the memo; a tokenizer with another vocabulary does not,
+    and the blocks cut from the memo are copies, so a caller cannot corrupt it."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    _, tok = tiny
+    monkeypatch.setattr(data, "_SPLIT_IDS", {})
+    calls = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda t, text: calls.append(t) or real(t, text))
+    first = data.split_ids(tok, "calibration")
+    assert first.tolist() == real(tok, data.split_text("calibration")).tolist()
+    again = copy.deepcopy(tok)  # a second load: another object, the same definition
+    assert data.split_ids(again, "calibration") is first and len(calls) == 1
+    blocks = data.token_blocks(again, "calibration", 64, 2)
+    blocks.zero_()
+    assert data.split_ids(tok, "calibration").equal(first) and first.any()
+    other = copy.deepcopy(tok)
+    other.add_tokens([AddedToken("Caesar", single_word=True)])  # tokenizes the play otherwise
+    ids = data.split_ids(other, "calibration")
+    assert len(calls) == 2 and ids.numel() != first.numel()
