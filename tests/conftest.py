@@ -48,6 +48,13 @@ def pytest_runtest_logreport(report):
         _skipped.append((report.nodeid, _skip_reason(report)))
 
 
+def pytest_collectreport(report):
+    """A module that skips while it is imported (``importorskip`` at the top) never reaches
+    the test phase: its skip is counted here."""
+    if report.skipped:
+        _skipped.append((report.nodeid, _skip_reason(report)))
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -74,7 +81,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{n:5d}  {why}  [{tag}]")
     unexpected = _unexpected_skips()
     if unexpected and _in_ci():
-        tr.write_line(f"CI=true: {len(unexpected)} test(s) skipped outside the allow-list "
+        tr.write_line(f"CI=true: {len(unexpected)} skip(s) outside the allow-list "
                       f"({', '.join(sorted(ALLOWED_SKIPS))}); the run fails:", red=True)
         for node, why in unexpected:
             tr.write_line(f"  {node}: {why}", red=True)
