@@ -4,8 +4,8 @@ reused, no missing or duplicated training steps, unique metrics.
 
 The kill points are exact, not timed: a small wrapper (written per test) installs a hook and
 then calls ``harness.cli.main``. ``eval`` and ``db-write`` SIGKILL the process from inside the
-hook; ``slow-train`` only slows each step and the test kills the process from outside once the
-database shows logged steps and a checkpoint exists.
+hook; ``hold-train`` holds training in step 5 until a signal has arrived, and the test sends it
+from outside once the database shows three logged steps.
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 mode = os.environ["FAULT_MODE"]
-if mode == "slow-train":
+if mode == "hold-train":  # steps 1-3 logged, then wait in step 5's batch for the test's signal
     import time
+    import harness.interrupts as interrupts
     import harness.train.trainer as trainer
     real_batch = trainer._batch_at
-    def slow(data, step, micro, cfg):
-        time.sleep(0.4)
+    def held(data, step, micro, cfg):
+        # step index 4: the loss of step 3 was logged after step 4 was dispatched (lag one)
+        while step >= 4 and interrupts._state["pending"] is None:
+            time.sleep(0.02)  # SIGKILL ends it here; SIGTERM's handler sets "pending"
         return real_batch(data, step, micro, cfg)
-    trainer._batch_at = slow
+    trainer._batch_at = held
 elif mode == "eval":  # after the quantized run's PPL is stored, before the rest of its eval
     from harness.recorders import StoreRecorder
     real_metric = StoreRecorder.metric
@@ -130,8 +133,9 @@ def _logged_steps(db: Path) -> int:
 
 
 def _signal_at_step_3(wrapper: Path, argv: list[str], db: Path, sig: int) -> tuple[int, str]:
-    """Runs the slowed command, sends ``sig`` once 3 steps are logged; (exit code, stderr)."""
-    proc = _faulty(wrapper, argv, "slow-train")
+    """Runs the command held at step 5, sends ``sig`` once 3 steps are logged; (exit code,
+    stderr)."""
+    proc = _faulty(wrapper, argv, "hold-train")
     deadline = time.monotonic() + 240
     try:
         while _logged_steps(db) < 3:
