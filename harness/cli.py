@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=["running", "finished", "failed", "pending"])
     _add_db(p)
 
+    p = sub.add_parser("report", help="results table of the finished runs (ladder order, "
+                       "PPL/FP, accuracy per task)")
+    p.add_argument("--markdown", action="store_true", help="a GitHub markdown table")
+    p.add_argument("--methods", type=_csv, help="only these methods (comma list); PPL/FP still "
+                   "divides by the database's fp runs")
+    _add_db(p)
+
     p = sub.add_parser("show", help="one run: spec, metrics, memory, error")
     p.add_argument("run", help="run id or run key (prefix)")
     p.add_argument("--json", action="store_true")

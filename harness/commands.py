@@ -256,6 +256,24 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from harness.report import render_report
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    entries = [store.run_as_dict(r) for r in store.runs("finished")]
+    if args.methods:
+        unknown = sorted(set(args.methods) - {e["method"] for e in entries})
+        if unknown:
+            raise HarnessError(f"--methods: no finished {', '.join(unknown)} run in {args.db}; "
+                               f"`harness list` shows the runs")
+    if not entries:
+        print(f"no finished runs in {args.db}; try: harness run --methods rtn --bits 3")
+        return 0
+    print(render_report(entries, markdown=args.markdown, methods=args.methods))
+    return 0
+
+
 def cmd_show(args) -> int:
     from harness.report import fmt_num
     from harness.store import Store

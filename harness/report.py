@@ -1,9 +1,14 @@
-"""Plain-text tables for the terminal (no dependency beyond the standard library)."""
+"""Results tables: plain text for the terminal, GitHub markdown for the documentation, and the
+generated blocks of README.md and docs/RESULTS.md (standard library only)."""
 
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from collections.abc import Sequence
+
+from harness.errors import HarnessError
 
 
 def fmt_num(value, digits: int = 2) -> str:
@@ -63,3 +68,169 @@ def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
                      fmt_num(m.get("size_mb")), fmt_num(m.get("bits_per_weight"), 3),
                      fmt_num(e["wall_s"], 0), e["status"]])
     return rows
+
+
+# --- harness report: the results table of a database ---------------------------------------
+
+#: Where each method stands in the ablation ladder; the report lists rungs in this order.
+LADDER = ("fp", "rtn", "clip", "qat", "bitdistiller", "onebit")
+
+
+def fp_references(entries) -> dict[tuple, float]:
+    """:func:`ppl_protocol` -> FP perplexity, from the finished ``fp`` runs among ``entries``
+    (dicts from ``Store.run_as_dict``); the first one stored wins, as in ``harness run``'s table."""
+    refs: dict[tuple, float] = {}
+    for e in sorted(entries, key=lambda e: e["id"]):
+        ppl = e["metrics"].get("ppl")
+        if e["method"] == "fp" and e["status"] == "finished" and ppl is not None:
+            refs.setdefault(ppl_protocol(e["model"], e["spec"]), ppl)
+    return refs
+
+
+def _ladder_key(e: dict) -> tuple:
+    """Model, evaluation protocol, bits from wide to narrow (fp first), then the ladder's order
+    (fp, rtn, clip, qat, bitdistiller, onebit; other methods after, by name)."""
+    model, seq_len, max_tokens = ppl_protocol(e["model"], e["spec"])
+    bits = e["bits"] if e["bits"] is not None else math.inf
+    rung = LADDER.index(e["method"]) if e["method"] in LADDER else len(LADDER)
+    group = e["group_size"] if e["group_size"] is not None else -math.inf
+    return (model, seq_len or 0, max_tokens or math.inf, -bits, rung, e["method"],
+            e["fmt"] or "", group, e["id"])
+
+
+def _train_steps(spec: dict) -> int | None:
+    train = ((spec or {}).get("config") or {}).get("train")
+    return train.get("steps") if isinstance(train, dict) else None
+
+
+def _report_tasks(entries) -> list[str]:
+    """Tasks with an ``acc`` among the runs: in the order the runs' specs name them."""
+    named = [t for e in entries for t in ((e["spec"] or {}).get("eval") or {}).get("tasks") or ()]
+    have = {k[:-len("/acc")] for e in entries for k in e["metrics"] if k.endswith("/acc")}
+    return [t for t in dict.fromkeys(named) if t in have] + sorted(have - set(named))
+
+
+def _acc_cell(metrics: dict, task: str) -> str:
+    acc, err = metrics.get(f"{task}/acc"), metrics.get(f"{task}/acc_stderr")
+    if acc is None:
+        return "-"
+    return fmt_num(acc, 3) + (f" ± {fmt_num(err, 3)}" if err is not None else "")
+
+
+def _protocol_note(spec: dict) -> str:
+    ev = (spec or {}).get("eval") or {}
+    cap = ev.get("max_tokens")
+    scope = f"first {cap:,} held-out tokens" if cap else "all held-out tokens"
+    note = f"PPL: {scope}, windows of {ev.get('seq_len')}"
+    if ev.get("tasks"):
+        limit = ev.get("limit")
+        note += (f"; accuracy: first {limit} examples per task" if limit
+                 else "; accuracy: every example of each task")
+    return note + f" (profile {(spec or {}).get('profile')})."
+
+
+def report_table(entries, methods: list[str] | None = None
+                 ) -> tuple[list[str], list[list[str]], list[str]]:
+    """The results table of ``harness report``: ``(headers, rows, notes)``.
+
+    ``entries`` are dicts from ``Store.run_as_dict``; only finished runs appear (of
+    ``methods`` when given), in :func:`_ladder_key` order. PPL/FP divides by the FP run of the
+    same :func:`ppl_protocol` ("-" without one, even when ``methods`` leaves fp out). Task
+    columns show each task's ``acc`` (the metric ``acc_avg`` averages) ± lm-eval's standard
+    error where stored. A model column appears when there are several models, a tokens/window
+    column when there are several protocols; ``notes`` says each protocol's evaluation."""
+    finished = [e for e in entries if e["status"] == "finished"]
+    refs = fp_references(finished)
+    shown = sorted((e for e in finished if not methods or e["method"] in methods),
+                   key=_ladder_key)
+    tasks = _report_tasks(shown)
+    several_models = len({e["model"] for e in shown}) > 1
+    several_protocols = len({ppl_protocol(e["model"], e["spec"])[1:] for e in shown}) > 1
+    headers = (["model"] if several_models else []) + (
+        ["tokens/window"] if several_protocols else []) + [
+        "method", "fmt", "bits", "group", "PPL", "PPL/FP", *(f"{t} acc" for t in tasks),
+        "acc_avg", "bits/weight", "size MB", "train steps"]
+    rows, notes = [], []
+    for e in shown:
+        m = e["metrics"]
+        ppl = m.get("ppl")
+        ref = refs.get(ppl_protocol(e["model"], e["spec"]))
+        ratio = ppl / ref if ppl is not None and ref else None
+        _, seq_len, cap = ppl_protocol(e["model"], e["spec"])
+        row = ([e["model"]] if several_models else []) + (
+            [f"{'all' if cap is None else f'{cap:,}'}/{seq_len}"]
+            if several_protocols else [])
+        row += [e["method"], e["fmt"] or "-", fmt_num(e["bits"]), fmt_num(e["group_size"]),
+                fmt_num(ppl), fmt_num(ratio), *(_acc_cell(m, t) for t in tasks),
+                fmt_num(m.get("acc_avg"), 3), fmt_num(m.get("bits_per_weight"), 3),
+                fmt_num(m.get("size_mb")), fmt_num(_train_steps(e["spec"]))]
+        rows.append(row)
+        note = _protocol_note(e["spec"])
+        if several_models:
+            note = f"{e['model']}: {note}"
+        if note not in notes:
+            notes.append(note)
+    return headers, rows, notes
+
+
+_TEXT_COLUMNS = {"model", "tokens/window", "method", "fmt"}
+
+
+def markdown_table(headers, rows) -> str:
+    """A GitHub markdown table; number columns right-aligned."""
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|")
+
+    align = ["---" if h in _TEXT_COLUMNS else "---:" for h in headers]
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(entries, markdown: bool = False, methods: list[str] | None = None) -> str:
+    """``harness report``'s output: the table (markdown or plain text), then its notes."""
+    headers, rows, notes = report_table(entries, methods)
+    body = markdown_table(headers, rows) if markdown else table(headers, rows)
+    lines = [body, ""] if markdown else [body]
+    lines += ["PPL/FP divides by the fp run of the same model, window and token cap.", *notes]
+    return "\n".join(lines)
+
+
+# --- report blocks: generated tables inside the documentation -------------------------------
+
+REPORT_BLOCK = re.compile(r"^<!-- report: (?P<command>.+?) -->\n(?P<body>.*?)^<!-- /report -->$",
+                          re.M | re.S)
+
+
+def report_blocks(text: str) -> list[tuple[list[str], str]]:
+    """``(argv, body)`` of each generated block in a markdown file: the lines between
+    ``<!-- report: harness report ... -->`` and ``<!-- /report -->``, and the command's
+    arguments after ``harness``. Only ``harness report`` may fill a block.
+
+    Raises:
+        HarnessError: a block whose command is not ``harness report ...``.
+    """
+    blocks = []
+    for match in REPORT_BLOCK.finditer(text):
+        argv = shlex.split(match["command"])
+        if argv[:2] != ["harness", "report"]:
+            raise HarnessError(f"report block {match['command']!r}: only `harness report ...` "
+                               f"generates a block")
+        blocks.append((argv[1:], match["body"]))
+    return blocks
+
+
+def replace_report_blocks(text: str, outputs: list[str]) -> str:
+    """``text`` with each block's body replaced by the matching entry of ``outputs`` (the
+    commands' stdout, in :func:`report_blocks` order)."""
+    it = iter(outputs)
+
+    def fill(match: re.Match) -> str:
+        body = next(it).rstrip("\n")
+        body = body + "\n" if body else ""
+        return f"<!-- report: {match['command']} -->\n{body}<!-- /report -->"
+
+    out = REPORT_BLOCK.sub(fill, text)
+    if next(it, None) is not None:
+        raise ValueError("more outputs than report blocks")
+    return out
