@@ -196,7 +196,7 @@ def page_compare(url: str, board: pd.DataFrame, version: str) -> None:
     chart(charts.pareto_scatter(sel, x=x, y="ppl"), key="cmp_pareto")
     ratio = sel[sel["ppl_fp"].notna() & (sel["method"] != queries.FP_METHOD)]
     if not ratio.empty:
-        st.subheader("PPL / full precision, per model")
+        st.subheader("PPL / FP (the unquantized reference), per model")
         _stretch(st.dataframe, ratio[["model", "label", "ppl", "ppl_fp"]]
                  .rename(columns={"ppl": "PPL", "ppl_fp": "PPL/FP"}), hide_index=True,
                  column_config={"PPL": st.column_config.NumberColumn(format="%.2f"),

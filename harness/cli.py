@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs Ray reserves per run (default 1; fractions run more at once)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--force", action="store_true", help="rerun finished runs too")
-    p.add_argument("--no-fp", action="store_true", help="skip the full-precision reference run")
+    p.add_argument("--no-fp", action="store_true", help="skip the unquantized reference run (fp)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_db(p)
 

@@ -194,7 +194,7 @@ def _announce(specs) -> None:
     for spec in specs:
         g = spec.group_size
         detail = (f"fmt={spec.fmt} bits={spec.bits} group={g}" if spec.bits is not None
-                  else "full precision")
+                  else "unquantized reference")
         print(f"[{spec.run_key}] {spec.method:12s} {spec.model} {detail} profile={spec.profile}",
               file=sys.stderr)
 

@@ -128,7 +128,7 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name
 def _run_packed_path(store, run) -> Path:
     path = store.artifacts(run.id).get("packed")
     if run.method == "fp":
-        raise HarnessError(f"run {run.run_key} is the full-precision reference; export the base "
+        raise HarnessError(f"run {run.run_key} is the unquantized reference (fp); export the base "
                            f"model {run.model!r} directly")
     if run.status != "finished" or not path:
         raise HarnessError(f"run {run.run_key} has no packed model (status {run.status}); "

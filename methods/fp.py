@@ -1,4 +1,5 @@
-"""Full precision: the reference every quantized run is compared with."""
+"""The unquantized reference every quantized run is compared with: the model as loaded (for
+the embedded SmolLM2, its Q4_1 GGUF dequantized to float32), evaluated like the others."""
 
 from __future__ import annotations
 
