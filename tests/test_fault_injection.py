@@ -10,6 +10,8 @@ from outside once the database shows three logged steps.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -103,10 +105,15 @@ def _faulty(wrapper: Path, argv: list[str], mode: str) -> subprocess.Popen:
 
 
 def _rerun_and_check(db: Path, argv: list[str]) -> dict:
-    """Reruns the plain command and checks the store; returns the qat run's metrics."""
-    res = subprocess.run([sys.executable, "-m", "harness.cli", *argv], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    """Reruns the plain command (in this process: the rerun needs no fault hook, and a second
+    interpreter would cost seconds of imports) and checks the store; returns the qat run's
+    metrics."""
+    from harness.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    assert code == 0, err.getvalue()[-3000:]
     runs = _query(db, "SELECT spec_hash, method, status FROM runs")
     assert sorted(m for _, m, _ in runs) == ["fp", "qat"]  # one row per spec
     assert len({h for h, _, _ in runs}) == len(runs)
