@@ -41,7 +41,7 @@ def reference_fake_quant(w: torch.Tensor, fmt: str, bits: int, group: int) -> to
         zero = (-torch.round(mn / scale)).clamp(0, qmax)
         q = (torch.clamp(torch.round(x / scale) + zero, 0, qmax) - zero) * scale
     else:
-        from harness.quant.primitives import NF3_LEVELS
+        from harness.quant.grid import NF3_LEVELS
 
         levels = torch.tensor(NF3_LEVELS, device=x.device)
         mx = x.amax(1, keepdim=True)

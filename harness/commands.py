@@ -165,7 +165,7 @@ def cmd_run(args) -> int:
 def _check_scheduler_flags(args, scheduler: str) -> None:
     """Flags of one scheduler given to the other are refused, not silently ignored; the device
     is checked here for inline runs (a Ray worker checks its own)."""
-    from harness.runner import pick_device
+    from harness.devices import pick_device
 
     if scheduler != "ray":
         ray_only = [flag for flag in ("--ray-address", "--gpus-per-run", "--cpus-per-run")

@@ -184,8 +184,8 @@ def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int |
     Defaults are the run's own evaluation settings, so on the held-out text it reproduces the
     PPL the run stored; on ``text_file`` every token is scored unless ``max_tokens`` caps it.
     """
+    from harness.devices import pick_device
     from harness.models import load_model
-    from harness.runner import pick_device
 
     _check_eval_inputs(text_file, tasks, seq_len, max_tokens)
     dev = pick_device(device)
@@ -204,8 +204,8 @@ def evaluate_path(path: str | Path, text_file: str | None = None, seq_len: int |
     folder holding one (``harness export RUN DIR --packed``) or a dense Hugging Face export.
     A packed file's base model must be available locally; its run's evaluation settings are
     the defaults, as for a stored run."""
+    from harness.devices import pick_device
     from harness.models import load_model
-    from harness.runner import pick_device
 
     path = Path(path)
     packed = path if path.is_file() else path / PACKED_FILE

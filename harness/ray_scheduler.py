@@ -73,7 +73,8 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
         ``status``, ``error``, ``metrics``, ``records`` (for :func:`harness.recorders.replay`),
         ``wall_s``, ``device``, ``host``, ``pid``.
     """
-    from harness.runner import execute_run, pick_device, run_dir_for
+    from harness.devices import pick_device
+    from harness.runner import execute_run, run_dir_for
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
@@ -109,8 +110,8 @@ def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temp
     fail with the real message.
     """
     try:
+        from harness.devices import pick_device
         from harness.models import load_model
-        from harness.runner import pick_device
         from harness.train.teacher_data import teacher_sequences
 
         # One load gives the tokenizer and the teacher (cheap next to generation; on a cache hit

@@ -143,7 +143,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
 
 
 def _device_name(device: str | None) -> str:
-    from harness.runner import pick_device
+    from harness.devices import pick_device
 
     dev = pick_device(device)
     if dev.type == "cuda":

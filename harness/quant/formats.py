@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from harness.errors import HarnessError
+from harness.quant.grid import valid_group_sizes
 
 
 class QuantFormat(BaseModel):
@@ -41,14 +41,6 @@ class QuantFormat(BaseModel):
 
     def divisible(self, in_features: int) -> bool:
         return self.group_size == -1 or in_features % self.group_size == 0
-
-
-def valid_group_sizes(in_features: Iterable[int]) -> list[int]:
-    """The group sizes to suggest: every common divisor of the input dims from 8 to 1024 (all
-    above 1 if none is), then -1. Any common divisor works; smaller ones cost scale bytes."""
-    common = math.gcd(*in_features)
-    divisors = [g for g in range(2, common + 1) if common % g == 0]
-    return ([g for g in divisors if 8 <= g <= 1024] or divisors or [1]) + [-1]
 
 
 def resolve_group_size(in_features: Iterable[int], requested: int | str | None) -> int:

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.quant.primitives import (
-    NF3_LEVELS,
-    _nf3_codes,
-    _round_scale,
-    div_exact,
-    round_half_away,
-)
+from harness.quant.grid import NF3_LEVELS, div_exact, nf3_codes, round_half_away, round_scale
 
 
 def _tie_share(xg: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -105,11 +99,11 @@ class NF3FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg: torch.Tensor, detach_scales: bool, scale_dtype):
         amax, amin = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
-        mx = _round_scale(amax.clamp(min=1e-5), scale_dtype)
-        mn = _round_scale(amin.abs().clamp(min=1e-5), scale_dtype)
+        mx = round_scale(amax.clamp(min=1e-5), scale_dtype)
+        mn = round_scale(amin.abs().clamp(min=1e-5), scale_dtype)
         pos = (xg >= 0).to(xg.dtype)
         s = mx * pos + mn * (1 - pos)  # where(x >= 0, mx, mn), exactly
-        codes = _nf3_codes(xg / s)
+        codes = nf3_codes(xg / s)
         levels = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)
         ctx.save_for_backward(xg, codes, mx, mn, amax, amin)
         ctx.detach_scales = detach_scales

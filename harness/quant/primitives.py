@@ -11,18 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from harness.errors import HarnessError
-
-# BitDistiller's "n2f3" grid: asymmetric NF3 (positive side divided by max, negative by |min|).
-NF3_LEVELS = (-1.0, -0.5350227355957031, -0.2469314038753510, 0.0, 0.1833375245332718,
-              0.3819939494132996, 0.6229856610298157, 1.0)
-NF3_THRESHOLDS = (-0.7675113677978516, -0.39097706973552704, -0.1234657019376755,
-                  0.0916687622666359, 0.2826657369732857, 0.5024898052215576,
-                  0.8114928305149078)
-
-
-def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero: sign(x) * floor(|x| + 0.5) (torch.round is half-to-even)."""
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+from harness.quant.grid import (
+    NF3_LEVELS,
+    div_exact,
+    nf3_codes,
+    round_half_away,
+    round_scale,
+    valid_group_sizes,
+)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -36,8 +32,6 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
     if g <= 0 or in_f % g:
-        from harness.quant.formats import valid_group_sizes
-
         raise HarnessError(f"group size {group_size} does not divide the input dimension {in_f}; "
                            f"use one of {valid_group_sizes([in_f])}")
     return w.reshape(out_f, in_f // g, g)
@@ -60,28 +54,14 @@ def _check(fmt: str, bits: int, symmetric: bool = False) -> None:
         raise HarnessError(f"unknown format {fmt!r}; use int or nf3 (binary is OneBit's layer)")
 
 
-def div_exact(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t / n`` correctly rounded on every device. CUDA divides a tensor by a Python scalar as
-    ``t * (1/n)``, which differs from the CPU in the last bit (and then, after fp16 rounding, in
-    ~2% of SmolLM2's int3 scales); a 0-dim tensor divisor takes the exact path on both."""
-    return t / t.new_full((), float(n))
-
-
-def _round_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
-    """Rounds to the storage dtype with a straight-through gradient (value = stored scale)."""
-    if scale_dtype is None:
-        return scale
-    return scale + (scale.to(scale_dtype).to(scale.dtype) - scale).detach()
-
-
 def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     if symmetric:
         qmax = 2 ** (bits - 1) - 1  # bits >= 2 (_check refuses 1-bit symmetric)
         scale = div_exact(g.abs().amax(-1, keepdim=True).clamp(min=1e-5), qmax)
-        return _round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
+        return round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
     qmax = 2**bits - 1
     mx, mn = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-    scale = _round_scale(div_exact((mx - mn).clamp(min=1e-5), qmax), scale_dtype)
+    scale = round_scale(div_exact((mx - mn).clamp(min=1e-5), qmax), scale_dtype)
     zero = torch.clamp(-round_half_away(mn / scale), 0, qmax).detach()
     return scale, zero, 0, qmax
 
@@ -89,18 +69,7 @@ def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
 def _nf3_params(g: torch.Tensor, scale_dtype):
     mx = g.amax(-1, keepdim=True).clamp(min=1e-5)
     mn = g.amin(-1, keepdim=True).abs().clamp(min=1e-5)
-    return _round_scale(mx, scale_dtype), _round_scale(mn, scale_dtype)
-
-
-def _nf3_codes(normed: torch.Tensor) -> torch.Tensor:
-    """uint8 code = number of thresholds <= the value: ``bucketize(right=True)``, so a value
-    equal to a threshold goes up (METHODS.md: ">= it rounds to 0"). Seven compares beat
-    bucketize's binary search ~4x on the CPU."""
-    codes = normed >= NF3_THRESHOLDS[0]
-    codes = codes.to(torch.uint8)
-    for t in NF3_THRESHOLDS[1:]:
-        codes += normed >= t
-    return codes
+    return round_scale(mx, scale_dtype), round_scale(mn, scale_dtype)
 
 
 def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
@@ -149,7 +118,7 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
             mx, mn = mx.detach(), mn.detach()
         normed = torch.where(x >= 0, x / mx, x / mn)
         levels = torch.tensor(NF3_LEVELS, dtype=x.dtype, device=x.device)
-        q = levels[_nf3_codes(normed.detach()).long()]
+        q = levels[nf3_codes(normed.detach()).long()]
         exact = torch.where(x >= 0, q * mx, q * mn).detach()
         if torch.is_grad_enabled() and w.requires_grad:
             # Straight-through surrogate for the gradient; `s - s.detach()` is exactly 0 in the
@@ -213,7 +182,7 @@ def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int =
     if fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)
         normed = torch.where(x >= 0, x / mx, x / mn)
-        codes = _nf3_codes(normed).to(torch.uint8)
+        codes = nf3_codes(normed).to(torch.uint8)
         scales, zeros = mx.squeeze(-1).to(scale_dtype), mn.squeeze(-1).to(scale_dtype)
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)

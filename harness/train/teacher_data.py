@@ -116,8 +116,8 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
 
 def generate_cli(args) -> int:
     from harness.config import default_profile, get_profile
+    from harness.devices import pick_device
     from harness.models import load_model
-    from harness.runner import pick_device
 
     if args.temperature <= 0:
         raise HarnessError(f"--temperature {args.temperature}: sampling needs a temperature "

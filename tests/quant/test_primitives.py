@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.quant.primitives import (
-    NF3_LEVELS,
-    NF3_THRESHOLDS,
-    dequantize,
-    fake_quantize,
-    quantize,
-    round_half_away,
-    ste_round,
-)
+from harness.quant.grid import NF3_LEVELS, NF3_THRESHOLDS, round_half_away
+from harness.quant.primitives import dequantize, fake_quantize, quantize, ste_round
 
 
 def test_round_half_away_from_zero():
