@@ -104,7 +104,7 @@ def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:
 
 def cmd_run(args) -> int:
     from harness.plan import fp_reference
-    from harness.report import RESULT_HEADERS, ppl_protocol, result_rows, table
+    from harness.report import RESULT_HEADERS, fp_references, result_rows, table
     from harness.scheduler import check_output_dir, execute
     from harness.store import Store
 
@@ -138,10 +138,9 @@ def cmd_run(args) -> int:
                        gpus_per_run=args.gpus_per_run or 0.0,
                        cpus_per_run=getattr(args, "cpus_per_run", None) or 1.0)
     entries = [store.run_as_dict(store.get_run(o.run_id)) for o in outcomes]
-    fp_ppl = {}  # the FP PPL of each evaluation protocol, from this command or the database
-    for r in store.runs("finished"):
-        if r.method == "fp":
-            fp_ppl.setdefault(ppl_protocol(r.model, r.spec), store.metric_dict(r.id).get("ppl"))
+    # the FP PPL of each evaluation protocol, from this command or the database
+    fp_ppl = fp_references(store.run_as_dict(r) for r in store.runs("finished")
+                           if r.method == "fp")
     if args.json:
         print(json.dumps(entries, indent=2, default=str))
     else:

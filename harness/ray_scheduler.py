@@ -155,9 +155,9 @@ def _init_ray(ray_address: str | None) -> bool:
             ray.init(address=ray_address, log_to_driver=False,
                      runtime_env={"env_vars": env} if env else None)
         except (ConnectionError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise HarnessError(
-                f"could not join the Ray cluster at --ray-address {ray_address} ({first}); a "
+                f"could not join the Ray cluster at --ray-address {ray_address} "
+                f"({describe_error(exc)}); a "
                 f"cluster started by `ray start` uses token authentication: set "
                 f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
                 f"RAY_AUTH_TOKEN)") from None

@@ -54,17 +54,23 @@ def ppl_protocol(model: str, spec: dict | None) -> tuple:
     return model, ev.get("seq_len"), ev.get("max_tokens")
 
 
+def ppl_ratio(entry: dict, fp_ppl: dict[tuple, float]) -> float | None:
+    """PPL/FP of a ``Store.run_as_dict`` entry against the FP run of its own protocol; None
+    without a PPL or such an FP run."""
+    ppl = entry["metrics"].get("ppl")
+    ref = fp_ppl.get(ppl_protocol(entry["model"], entry["spec"]))
+    return ppl / ref if ppl is not None and ref else None
+
+
 def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
     """Rows of the post-run table; ``entries`` are dicts from ``Store.run_as_dict``,
     ``fp_ppl`` maps :func:`ppl_protocol` to the FP perplexity."""
     rows = []
     for e in entries:
         m = e["metrics"]
-        ppl = m.get("ppl")
-        ref = fp_ppl.get(ppl_protocol(e["model"], e["spec"]))
-        ratio = ppl / ref if ppl is not None and ref else None
         rows.append([e["run_key"], e["method"], fmt_num(e["bits"]), fmt_num(e["group_size"]),
-                     fmt_num(ppl), fmt_num(ratio), fmt_num(m.get("acc_avg"), 3),
+                     fmt_num(m.get("ppl")), fmt_num(ppl_ratio(e, fp_ppl)),
+                     fmt_num(m.get("acc_avg"), 3),
                      fmt_num(m.get("size_mb")), fmt_num(m.get("bits_per_weight"), 3),
                      fmt_num(e["wall_s"], 0), e["status"]])
     return rows
@@ -153,15 +159,13 @@ def report_table(entries, methods: list[str] | None = None
     rows, notes = [], []
     for e in shown:
         m = e["metrics"]
-        ppl = m.get("ppl")
-        ref = refs.get(ppl_protocol(e["model"], e["spec"]))
-        ratio = ppl / ref if ppl is not None and ref else None
         _, seq_len, cap = ppl_protocol(e["model"], e["spec"])
         row = ([e["model"]] if several_models else []) + (
             [f"{'all' if cap is None else f'{cap:,}'}/{seq_len}"]
             if several_protocols else [])
         row += [e["method"], e["fmt"] or "-", fmt_num(e["bits"]), fmt_num(e["group_size"]),
-                fmt_num(ppl), fmt_num(ratio), *(_acc_cell(m, t) for t in tasks),
+                fmt_num(m.get("ppl")), fmt_num(ppl_ratio(e, refs)),
+                *(_acc_cell(m, t) for t in tasks),
                 fmt_num(m.get("acc_avg"), 3), fmt_num(m.get("bits_per_weight"), 3),
                 fmt_num(m.get("size_mb")), fmt_num(_train_steps(e["spec"]))]
         rows.append(row)
