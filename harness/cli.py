@@ -72,8 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quick (CPU default) or full (GPU default)")
     p.add_argument("--seed", type=int, default=None,
                    help="run seed (default 0, or the experiment file's seeds)")
+    p.add_argument("--seeds", type=_ints, default=None,
+                   help="replicates: one run per seed (e.g. 0,1,2); tables show mean ± std (n)")
     p.add_argument("--tasks", default=None, help="lm-eval tasks after perplexity (comma list)")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples for the lm-eval tasks (the papers' MMLU: 5)")
+    p.add_argument("--allow-code-eval", action="store_true",
+                   help="let humaneval execute model-generated code on this machine")
+    p.add_argument("--ppl-data", default=None,
+                   help="perplexity data, comma list: shakespeare (default), wikitext2, c4, ptb, "
+                        "a .txt/.jsonl/.parquet FILE, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]; "
+                        "datasets come from the local Hugging Face cache")
     p.add_argument("--max-eval-tokens", type=int, default=None,
                    help="cap held-out tokens for perplexity")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default 2048)")
@@ -103,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="a GitHub markdown table")
     p.add_argument("--methods", type=_csv, help="only these methods (comma list); PPL/FP still "
                    "divides by the database's fp runs")
+    _add_db(p)
+
+    p = sub.add_parser("compare", help="two runs evaluated on the same data, paired: PPL ratio "
+                       "with its 95%% interval, accuracy by McNemar's test, significance")
+    p.add_argument("run_a", help="run id or run key (prefix)")
+    p.add_argument("run_b", help="run id or run key (prefix); the ratio is A / B")
+    p.add_argument("--json", action="store_true")
     _add_db(p)
 
     p = sub.add_parser("show", help="one run: spec, metrics, memory, error")

@@ -46,21 +46,42 @@ def _specs_from_flags(args) -> list:
                                f"{overrides[key]}); keep one")
     if args.group_size is not None:
         overrides["group_size"] = args.group_size
-    eval_over = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len,
-                 "tasks": args.tasks, "limit": args.limit}
+    eval_over = eval_overrides(args)
     overrides_for = _route_overrides(args.methods, overrides)
     _check_bits_apply(args.methods, args.bits)
     specs = []
     for method in args.methods:
         for bits in args.bits or [None]:
-            over = dict(overrides_for[method])
-            if bits is not None:
-                over["bits"] = bits
-            spec = build_spec(model, method, over, profile, args.seed or 0, eval_over,
-                              in_features)
-            if spec not in specs:
-                specs.append(spec)
+            for seed in seeds_of(args):
+                over = dict(overrides_for[method])
+                if bits is not None:
+                    over["bits"] = bits
+                spec = build_spec(model, method, over, profile, seed, eval_over, in_features)
+                if spec not in specs:  # fp ignores the seed: one reference for all replicates
+                    specs.append(spec)
     return specs
+
+
+def eval_overrides(args) -> dict:
+    """The evaluation flags of ``harness run`` (None: the profile's value)."""
+    return {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "tasks": args.tasks,
+            "limit": args.limit, "ppl_data": getattr(args, "ppl_data", None),
+            "num_fewshot": getattr(args, "num_fewshot", None),
+            "allow_code_eval": getattr(args, "allow_code_eval", False) or None}
+
+
+def seeds_of(args) -> list[int]:
+    """``--seeds 0,1,2`` (replicates) or ``--seed N``; both is an error."""
+    seeds = getattr(args, "seeds", None)
+    if seeds and args.seed is not None:
+        raise HarnessError(f"--seed {args.seed} and --seeds {','.join(map(str, seeds))} both "
+                           f"given; keep one (--seeds runs one replicate per seed)")
+    if seeds:
+        if len(set(seeds)) != len(seeds):
+            raise HarnessError(f"--seeds {','.join(map(str, seeds))} repeats a seed; list each "
+                               f"once")
+        return list(seeds)
+    return [args.seed or 0]
 
 
 def _check_bits_apply(methods: list[str], bits: list[int] | None) -> None:
@@ -104,7 +125,13 @@ def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:
 
 def cmd_run(args) -> int:
     from harness.plan import fp_reference
-    from harness.report import RESULT_HEADERS, fp_references, result_rows, table
+    from harness.report import (
+        RESULT_HEADERS,
+        fp_references,
+        replicate_table,
+        result_rows,
+        table,
+    )
     from harness.scheduler import check_output_dir, execute
     from harness.store import Store
 
@@ -120,6 +147,9 @@ def cmd_run(args) -> int:
     _check_scheduler_flags(args, scheduler)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
         _check_task_data(specs)
+        from harness.eval.ppl_data import check_available
+
+        check_available(sorted({e for spec in specs for e in spec.eval.ppl_data}))
     check_output_dir(Path(args.output_dir))  # before the database or any run row is touched
     store = Store(args.db)
     if name:
@@ -146,6 +176,9 @@ def cmd_run(args) -> int:
     else:
         print()
         print(table(RESULT_HEADERS, result_rows(entries, fp_ppl)))
+        replicates = replicate_table(entries)
+        if replicates:
+            print(replicates)
         skipped = sum(o.status == "skipped" for o in outcomes)
         if skipped:
             print(f"({skipped} run(s) already finished were reused; --force reruns them)")
@@ -199,11 +232,14 @@ def _announce(specs) -> None:
 
 
 def _print_eval_note(specs) -> None:
+    from harness.eval.ppl_data import label, metric_name
+
     spec = specs[0]
     cap = spec.eval.max_tokens
-    scope = f"first {cap:,} held-out tokens" if cap else "all held-out tokens"
-    print(f"PPL: {scope} of the Shakespeare evaluation plays, windows of {spec.eval.seq_len} "
-          f"(profile {spec.profile}).")
+    scope = f"first {cap:,} tokens" if cap else "all tokens"
+    data = "; ".join(f"{metric_name(e)} = {label(e)}" for e in spec.eval.ppl_data)
+    print(f"PPL: {scope} of each data set ({data}), windows of {spec.eval.seq_len} "
+          f"(profile {spec.profile}); 95% CI: bootstrap over windows.")
 
 
 def cmd_methods(args) -> int:
@@ -234,7 +270,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from harness.report import fmt_num, table
+    from harness.report import acc_avg_cell, ci_cell, fmt_num, replicate_table, table
     from harness.store import Store
 
     store = Store(args.db, readonly=True)
@@ -246,12 +282,20 @@ def cmd_list(args) -> int:
         print(f"no {args.status} runs" if args.status and store.runs() else
               "no runs yet; try: harness run --methods rtn --bits 3")
         return 0
-    rows = []
+    rows, entries = [], []
     for r in runs:
-        m = store.metric_dict(r.id)
+        e = store.run_as_dict(r)
+        m = e["metrics"]
+        entries.append(e)
         rows.append([r.id, r.run_key, r.method, r.model, fmt_num(r.bits), fmt_num(r.group_size),
-                     fmt_num(m.get("ppl")), fmt_num(m.get("size_mb")), r.status])
-    print(table(["id", "run", "method", "model", "bits", "group", "PPL", "size MB", "status"], rows))
+                     fmt_num(r.seed), fmt_num(m.get("ppl")), ci_cell(m), acc_avg_cell(m),
+                     fmt_num(m.get("size_mb")), r.status])
+    print(table(["id", "run", "method", "model", "bits", "group", "seed", "PPL", "PPL 95% CI",
+                 "acc", "size MB", "status"], rows))
+    replicates = replicate_table(entries)
+    if replicates:
+        print()
+        print(replicates)
     return 0
 
 
@@ -292,11 +336,33 @@ def cmd_show(args) -> int:
             (("started", run.started_at), ("finished", run.finished_at)) if t is not None]
     if when:
         print("  ".join(when) + " UTC" + (f"  attempts: {run.attempts}" if (run.attempts or 0) > 1 else ""))
+    metrics = data["metrics"]
+    for name in sorted(k for k in metrics if _is_ppl_metric(k)):
+        low, high = metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
+        interval = (f" (95% CI {fmt_num(low)}-{fmt_num(high)}, bootstrap over windows)"
+                    if low is not None and high is not None else " (no interval stored)")
+        print(f"{name}: {fmt_num(metrics[name])}{interval}")
     print("metrics:")
-    for key, value in sorted(data["metrics"].items()):
+    for key, value in sorted(metrics.items()):
         print(f"  {key:28s} {fmt_num(value, 4)}")
     for kind, path in data["artifacts"].items():
         print(f"artifact {kind}: {path}")
+    return 0
+
+
+def _is_ppl_metric(name: str) -> bool:
+    """``ppl`` and ``ppl_<data>``, not their intervals or token counts."""
+    return (name == "ppl" or name.startswith("ppl_")) and not name.endswith(
+        ("_ci95_low", "_ci95_high", "_tokens"))
+
+
+def cmd_compare(args) -> int:
+    from harness.compare import compare_runs, render_compare
+    from harness.store import Store
+
+    store = Store(args.db, readonly=True)
+    result = compare_runs(store, args.run_a, args.run_b)
+    print(json.dumps(result, indent=2) if args.json else render_compare(result))
     return 0
 
 

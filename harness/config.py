@@ -33,6 +33,12 @@ class EvalSpec(BaseModel):
     max_tokens: int | None = Field(None, gt=0, description="cap on held-out tokens (None = all)")
     tasks: tuple[str, ...] = Field((), description="lm-eval tasks run after perplexity")
     limit: int | None = Field(None, gt=0, description="examples per task (quick checks)")
+    ppl_data: tuple[str, ...] = Field(
+        ("shakespeare",), min_length=1,
+        description="perplexity data sets: shakespeare, wikitext2, c4, ptb, file:PATH@SHA, "
+                    "hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]; one ppl metric each")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval few-shot examples")
+    allow_code_eval: bool = Field(False, description="let humaneval execute generated code")
 
     @model_validator(mode="after")
     def _one_window_at_least(self):
@@ -108,6 +114,10 @@ def _canonical(data: dict) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+#: Evaluation settings added after runs were stored: at their defaults they are left out of
+#: the hashed spec, so every earlier run keeps its key (and its results are reused).
+EVAL_KEYS_SINCE_V1 = {"ppl_data": ["shakespeare"], "num_fewshot": None, "allow_code_eval": False}
+
 #: Training settings that change when a run logs and checkpoints, never what it computes.
 WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every")
 
@@ -138,6 +148,9 @@ class RunSpec(BaseModel):
         data = self.model_dump(mode="json")
         if data["model_fingerprint"] is None:  # registered names and hub ids: keys as before
             del data["model_fingerprint"]
+        for key, default in EVAL_KEYS_SINCE_V1.items():
+            if data["eval"].get(key) == default:
+                del data["eval"][key]
         return data
 
     def canonical_json(self) -> str:

@@ -12,7 +12,8 @@ profile: quick                  # quick | full (default: full with CUDA, else qu
 seeds: [0]                      # or seed: 0
 scheduler: ray                  # ray (default) | inline
 gpus_per_run: 0.5               # optional Ray GPU fraction per run
-eval: {max_tokens: 16384, seq_len: 2048, tasks: [], limit: null}
+eval: {max_tokens: 16384, seq_len: 2048, tasks: [], limit: null,
+       ppl_data: [shakespeare, wikitext2], num_fewshot: null}
 methods:                        # method -> config overrides (the method's own fields)
   rtn: {}
   bitdistiller:
@@ -27,7 +28,8 @@ Grid axes follow the routing of ``--set``: an axis applies to the methods whose 
 field (``bits``/``group_size`` are dropped for methods without them, e.g. ``fp``/``onebit``), and
 an axis no listed method has is an error. Flags given on the command line (``--model``,
 ``--methods`` as a filter, ``--bits``, ``--group-size``, ``--set``, ``--profile``, ``--seed``,
-``--tasks``, ``--limit``, ``--max-eval-tokens``, ``--seq-len``) override the file.
+``--seeds``, ``--tasks``, ``--limit``, ``--max-eval-tokens``, ``--seq-len``, ``--ppl-data``,
+``--num-fewshot``, ``--allow-code-eval``) override the file.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class EvalSection(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     tasks: list[str] | str | None = None
     limit: int | None = Field(None, gt=0)
+    ppl_data: list[str] | str | None = None
+    num_fewshot: int | None = Field(None, ge=0)
+    allow_code_eval: bool | None = None
 
 
 class ExperimentFile(BaseModel):
@@ -218,12 +223,18 @@ def expand(file: ExperimentFile, path: Path, cli_args=None, check_model: bool = 
     a = cli_args
     flag = (lambda name: getattr(a, name, None)) if a is not None else (lambda name: None)
     models = [flag("model")] if flag("model") else file.model_names()
-    seeds = [flag("seed")] if flag("seed") is not None else file.seed_list()
+    if flag("seeds") or flag("seed") is not None:
+        from harness.commands import seeds_of
+
+        seeds = seeds_of(a)
+    else:
+        seeds = file.seed_list()
     profile = flag("profile") or file.profile or default_profile()
     eval_over = file.eval.model_dump()
     for key, name in (("max_tokens", "max_eval_tokens"), ("seq_len", "seq_len"),
-                      ("tasks", "tasks"), ("limit", "limit")):
-        if flag(name) is not None:
+                      ("tasks", "tasks"), ("limit", "limit"), ("ppl_data", "ppl_data"),
+                      ("num_fewshot", "num_fewshot"), ("allow_code_eval", "allow_code_eval")):
+        if flag(name) not in (None, False):
             eval_over[key] = flag(name)
     if isinstance(eval_over.get("tasks"), list):
         eval_over["tasks"] = tuple(eval_over["tasks"])

@@ -246,7 +246,10 @@ def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | 
 
     seq_len = seq_len or run_eval.get("seq_len") or 2048
     if text_file:
-        text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+        from harness.eval.ppl_data import read_text_file
+
+        # The reader of `--ppl-data FILE`, so both give one PPL for one file.
+        text = read_text_file(text_file)
     else:
         text = data.split_text("eval")
         max_tokens = max_tokens or run_eval.get("max_tokens")

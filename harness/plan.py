@@ -60,6 +60,10 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
     eval_values.update({k: v for k, v in (eval_overrides or {}).items() if v is not None})
     if isinstance(eval_values.get("tasks"), str):
         eval_values["tasks"] = tuple(t for t in eval_values["tasks"].split(",") if t)
+    if eval_values.get("ppl_data") is not None:
+        from harness.eval.ppl_data import parse_ppl_data
+
+        eval_values["ppl_data"] = parse_ppl_data(eval_values["ppl_data"])
     try:
         eval_spec = EvalSpec(**eval_values)
     except ValidationError as exc:
@@ -70,7 +74,7 @@ def build_spec(model: str, method: str, overrides: dict[str, Any] | None = None,
     if eval_spec.tasks:  # an unknown task fails here, before any model work
         from harness.eval.accuracy import check_task_names
 
-        check_task_names(eval_spec.tasks)
+        check_task_names(eval_spec.tasks, allow_code_eval=eval_spec.allow_code_eval)
     config = method_config_values(method_cls, dict(overrides or {}), profile, in_features)
     model, fingerprint = model_identity(model)
     # The FP reference does not depend on the seed: one shared run per model and evaluation.

@@ -31,6 +31,9 @@ class StoreRecorder(Recorder):
     def artifact(self, kind: str, path: str) -> None:
         self.store.add_artifact(self.run_id, kind, path)
 
+    def series(self, name: str, values, task: str | None = None) -> None:
+        self.store.add_series(self.run_id, name, _floats(values, name), task=task)
+
     def resume_from(self, step: int) -> None:
         self.store.truncate_train_steps(self.run_id, step)
 
@@ -55,6 +58,9 @@ class BufferRecorder(Recorder):
 
     def artifact(self, kind, path):
         self.records.append(("artifact", dict(kind=kind, path=path)))
+
+    def series(self, name, values, task=None):
+        self.records.append(("series", dict(name=name, values=_floats(values, name), task=task)))
 
     def resume_from(self, step):
         self.records.append(("resume_from", dict(step=step)))
@@ -91,3 +97,10 @@ def _num(value, name: str):
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
         raise TypeError(f"metric {name!r}: {type(value).__name__} value {value!r:.80} is not a "
                         f"number") from None
+
+
+def _floats(values, name: str) -> list[float]:
+    """A plain list of floats (tensors, numpy arrays, lists of bools)."""
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    return [_num(v, name) for v in values]

@@ -41,8 +41,27 @@ def _numeric(cell: str) -> bool:
     return cell.replace(",", "").replace(".", "").replace("-", "").replace("e+", "").isdigit()
 
 
-RESULT_HEADERS = ("run", "method", "bits", "group", "PPL", "PPL/FP", "acc", "size MB",
-                  "bits/weight", "wall s", "status")
+RESULT_HEADERS = ("run", "method", "bits", "group", "seed", "PPL", "PPL 95% CI", "PPL/FP", "acc",
+                  "size MB", "bits/weight", "wall s", "status")
+
+
+def ci_cell(metrics: dict, name: str = "ppl") -> str:
+    """``low-high`` of a PPL's 95% bootstrap interval; "-" for runs stored without one."""
+    low, high = metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
+    if low is None or high is None:
+        return "-"
+    return f"{fmt_num(low)}-{fmt_num(high)}"
+
+
+def pm_cell(value, err, digits: int = 2, sep: str = "±") -> str:
+    """``value±err`` (no spaces: terminal tables are split on whitespace by scripts)."""
+    if value is None:
+        return "-"
+    return fmt_num(value, digits) + (f"{sep}{fmt_num(err, digits)}" if err is not None else "")
+
+
+def acc_avg_cell(metrics: dict, sep: str = "±") -> str:
+    return pm_cell(metrics.get("acc_avg"), metrics.get("acc_avg_stderr"), 3, sep)
 
 
 def ppl_protocol(model: str, spec: dict | None) -> tuple:
@@ -69,11 +88,66 @@ def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
     for e in entries:
         m = e["metrics"]
         rows.append([e["run_key"], e["method"], fmt_num(e["bits"]), fmt_num(e["group_size"]),
-                     fmt_num(m.get("ppl")), fmt_num(ppl_ratio(e, fp_ppl)),
-                     fmt_num(m.get("acc_avg"), 3),
+                     fmt_num(e["seed"]), fmt_num(m.get("ppl")), ci_cell(m),
+                     fmt_num(ppl_ratio(e, fp_ppl)), acc_avg_cell(m),
                      fmt_num(m.get("size_mb")), fmt_num(m.get("bits_per_weight"), 3),
                      fmt_num(e["wall_s"], 0), e["status"]])
     return rows
+
+
+# --- replicates: runs of one spec that differ only in the seed -------------------------------
+
+def replicate_key(entry: dict) -> str:
+    """The spec without its seed: runs with the same key are replicates of one experiment."""
+    import json
+
+    spec = {k: v for k, v in (entry.get("spec") or {}).items() if k != "seed"}
+    return json.dumps(spec, sort_keys=True)
+
+
+def group_replicates(entries) -> list[list[dict]]:
+    """Entries grouped by :func:`replicate_key`, groups in the order of their first run."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(replicate_key(e), []).append(e)
+    return list(groups.values())
+
+
+def replicate_cell(group: list[dict], metric: str, digits: int = 2, sep: str = "±") -> str:
+    """``mean±std (n=k)`` of a metric over a group's finished runs (std with ddof 1)."""
+    from harness.stats import mean_std
+
+    values = [e["metrics"].get(metric) for e in group if e["status"] == "finished"]
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "-"
+    return f"{pm_cell(mean, std, digits, sep)} (n={n})"
+
+
+REPLICATE_HEADERS = ("method", "bits", "group", "seeds", "PPL mean±std (n)", "acc mean±std (n)",
+                     "runs")
+
+
+def replicate_rows(entries) -> list[list[str]]:
+    """One row per group of two or more replicates (single runs have nothing to summarise)."""
+    rows = []
+    for group in group_replicates(entries):
+        if len(group) < 2:
+            continue
+        e = group[0]
+        rows.append([e["method"], fmt_num(e["bits"]), fmt_num(e["group_size"]),
+                     ",".join(str(g["seed"]) for g in group), replicate_cell(group, "ppl"),
+                     replicate_cell(group, "acc_avg", 3),
+                     " ".join(g["run_key"] for g in group)])
+    return rows
+
+
+def replicate_table(entries) -> str:
+    """The replicates summary printed under a run table; "" when no spec has two seeds."""
+    rows = replicate_rows(entries)
+    if not rows:
+        return ""
+    return "replicates (runs of one spec, seeds differing):\n" + table(REPLICATE_HEADERS, rows)
 
 
 # --- harness report: the results table of a database ---------------------------------------
@@ -154,19 +228,27 @@ def report_table(entries, methods: list[str] | None = None
     several_protocols = len({ppl_protocol(e["model"], e["spec"])[1:] for e in shown}) > 1
     headers = (["model"] if several_models else []) + (
         ["tokens/window"] if several_protocols else []) + [
-        "method", "fmt", "bits", "group", "PPL", "PPL/FP", *(f"{t} acc" for t in tasks),
-        "acc_avg", "bits/weight", "size MB", "train steps"]
+        "method", "fmt", "bits", "group", "PPL", "PPL 95% CI", "PPL/FP",
+        *(f"{t} acc" for t in tasks), "acc_avg", "bits/weight", "size MB", "train steps"]
     rows, notes = [], []
-    for e in shown:
+    for group in group_replicates(shown):
+        e = group[0]
         m = e["metrics"]
         _, seq_len, cap = ppl_protocol(e["model"], e["spec"])
         row = ([e["model"]] if several_models else []) + (
             [f"{'all' if cap is None else f'{cap:,}'}/{seq_len}"]
             if several_protocols else [])
+        if len(group) == 1:
+            cells = [fmt_num(m.get("ppl")), ci_cell(m), fmt_num(ppl_ratio(e, refs)),
+                     *(_acc_cell(m, t) for t in tasks), acc_avg_cell(m, " ± ")]
+        else:
+            ratios = [ppl_ratio(g, refs) for g in group]
+            ratio = (sum(ratios) / len(ratios)) if None not in ratios else None
+            cells = [replicate_cell(group, "ppl", sep=" ± "), "-", fmt_num(ratio),
+                     *(replicate_cell(group, f"{t}/acc", 3, " ± ") for t in tasks),
+                     replicate_cell(group, "acc_avg", 3, " ± ")]
         row += [e["method"], e["fmt"] or "-", fmt_num(e["bits"]), fmt_num(e["group_size"]),
-                fmt_num(m.get("ppl")), fmt_num(ppl_ratio(e, refs)),
-                *(_acc_cell(m, t) for t in tasks),
-                fmt_num(m.get("acc_avg"), 3), fmt_num(m.get("bits_per_weight"), 3),
+                *cells, fmt_num(m.get("bits_per_weight"), 3),
                 fmt_num(m.get("size_mb")), fmt_num(_train_steps(e["spec"]))]
         rows.append(row)
         note = _protocol_note(e["spec"])
@@ -196,7 +278,10 @@ def render_report(entries, markdown: bool = False, methods: list[str] | None = N
     headers, rows, notes = report_table(entries, methods)
     body = markdown_table(headers, rows) if markdown else table(headers, rows)
     lines = [body, ""] if markdown else [body]
-    lines += ["PPL/FP divides by the fp run of the same model, window and token cap.", *notes]
+    lines += ["PPL/FP divides by the fp run of the same model, window and token cap. PPL 95% CI: "
+              "bootstrap over the evaluation windows (\"-\": stored without per-window "
+              "results); accuracy ± lm-eval's standard error; replicates of one spec (seeds) "
+              "show mean ± std (n).", *notes]
     return "\n".join(lines)
 
 

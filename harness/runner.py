@@ -101,8 +101,10 @@ def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
 
 
 def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -> dict:
-    """Paper-style perplexity on the held-out plays plus memory; returns the metrics."""
-    from harness import data
+    """Paper-style perplexity on each of the spec's data sets (each with its 95% interval and
+    its per-window NLL for paired comparisons), memory, then the accuracy tasks; returns the
+    metrics."""
+    from harness.eval import ppl_data
     from harness.eval.memory import model_memory
     from harness.eval.ppl import perplexity
 
@@ -111,21 +113,33 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
     for name, value in mem.items():
         recorder.metric(name, value)
         out[name] = value
-    ids = data.split_ids(tokenizer, "eval")
-    res = perplexity(model, ids, seq_len=spec.eval.seq_len, max_tokens=spec.eval.max_tokens,
-                     progress=progress, desc=f"{spec.method} ppl")
-    capped = spec.eval.max_tokens is not None and spec.eval.max_tokens < ids.numel()
-    extra = dict(dataset="shakespeare-heldout", seq_len=spec.eval.seq_len, tokens=res.tokens,
-                 predicted=res.predicted, total_available=int(ids.numel()), capped=capped)
-    recorder.metric("ppl", res.ppl, **extra)
-    recorder.metric("ppl_tokens", res.tokens)
-    recorder.metric("eval_tokens_per_s", res.tokens / max(res.seconds, 1e-9))
-    out.update(ppl=res.ppl, ppl_tokens=res.tokens)
+    for entry in spec.eval.ppl_data:
+        name = ppl_data.metric_name(entry)
+        ids = ppl_data.load_ids(entry, tokenizer, spec.eval.seq_len)
+        res = perplexity(model, ids, seq_len=spec.eval.seq_len, max_tokens=spec.eval.max_tokens,
+                         progress=progress, desc=f"{spec.method} {name}")
+        capped = spec.eval.max_tokens is not None and spec.eval.max_tokens < ids.numel()
+        extra = dict(dataset=ppl_data.label(entry), seq_len=spec.eval.seq_len,
+                     tokens=res.tokens, predicted=res.predicted, windows=res.windows,
+                     total_available=int(ids.numel()), capped=capped)
+        recorder.metric(name, res.ppl, **extra)
+        recorder.series("nll", res.window_nll, task=name)
+        interval = res.interval()
+        if interval is not None:
+            recorder.metric(f"{name}_ci95_low", interval[0])
+            recorder.metric(f"{name}_ci95_high", interval[1])
+            out.update({f"{name}_ci95_low": interval[0], f"{name}_ci95_high": interval[1]})
+        recorder.metric(f"{name}_tokens", res.tokens)
+        if name == "ppl":
+            recorder.metric("eval_tokens_per_s", res.tokens / max(res.seconds, 1e-9))
+        out.update({name: res.ppl, f"{name}_tokens": res.tokens})
     if spec.eval.tasks:
         from harness.errors import require_module
 
         evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
-        out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder))
+        out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder,
+                                  num_fewshot=spec.eval.num_fewshot,
+                                  allow_code_eval=spec.eval.allow_code_eval))
     return out
 
 
@@ -169,7 +183,8 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     for kind, value in peaks.items():
         recorder.metric(f"peak_{kind}_mb", value)
         metrics[f"peak_{kind}_mb"] = value
-    if not torch.isfinite(torch.tensor(metrics["ppl"])):
+    if not all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items()
+               if k.startswith("ppl") and not k.endswith("_tokens")):
         log.warning("%s: perplexity is not finite", spec.run_key)
     return metrics
 

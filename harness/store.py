@@ -22,6 +22,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -173,6 +174,33 @@ class Artifact(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(50))
     path: Mapped[str] = mapped_column(Text)
+
+
+class Series(Base):
+    """Per-item values of one evaluation (``nll`` per perplexity window, task = the data set;
+    ``correct`` per example, task = the lm-eval task), float64 little-endian in one blob: a
+    full-profile evaluation is 75 windows, an accuracy task up to a few thousand examples."""
+
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("run_id", "name", "task"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    task: Mapped[str] = mapped_column(String(300), default="")
+    n: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+def pack_series(values) -> bytes:
+    import struct
+
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def unpack_series(data: bytes) -> list[float]:
+    import struct
+
+    return list(struct.unpack(f"<{len(data) // 8}d", data))
 
 
 _NO_WAL_REPORTED: set[str] = set()
@@ -342,6 +370,7 @@ class Store:
             else:
                 s.execute(delete(Metric).where(Metric.run_id == run.id))
                 s.execute(delete(Artifact).where(Artifact.run_id == run.id))
+                s.execute(delete(Series).where(Series.run_id == run.id))
             run.experiment_id = experiment_id if experiment_id is not None else run.experiment_id
             run.status = "running"
             run.error = None
@@ -406,6 +435,30 @@ class Store:
                 s.add(Artifact(run_id=run_id, kind=kind, path=path))
             else:
                 row.path = path
+
+    def add_series(self, run_id: int, name: str, values, task: str | None = None) -> None:
+        """Inserts or replaces one series (unique per run, name, task)."""
+        task, data = task or "", pack_series(values)
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Series).where(Series.run_id == run_id, Series.name == name,
+                                                Series.task == task))
+            if row is None:
+                s.add(Series(run_id=run_id, name=name, task=task, n=len(values), data=data))
+            else:
+                row.n, row.data = len(values), data
+
+    def series(self, run_id: int, name: str | None = None) -> dict[tuple[str, str], list[float]]:
+        """``{(name, task): values}`` of a run; empty for databases written before series
+        existed (a read-only store does not create the table)."""
+        from sqlalchemy import inspect
+
+        if not inspect(self.engine).has_table(Series.__tablename__):
+            return {}
+        with self.session() as s:
+            q = select(Series).where(Series.run_id == run_id)
+            if name is not None:
+                q = q.where(Series.name == name)
+            return {(r.name, r.task): unpack_series(r.data) for r in s.scalars(q)}
 
     def truncate_train_steps(self, run_id: int, after_step: int) -> None:
         """Drops logged steps beyond a checkpoint, so a resumed run does not duplicate them."""

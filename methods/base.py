@@ -78,6 +78,11 @@ class Recorder:
     def artifact(self, kind: str, path: str) -> None:
         raise NotImplementedError
 
+    def series(self, name: str, values, task: str | None = None) -> None:
+        """One value per evaluated item (a perplexity window's NLL, an example's correctness):
+        what confidence intervals and paired comparisons between runs are computed from."""
+        raise NotImplementedError
+
 
 class NullRecorder(Recorder):
     """Records nothing (library use without a store)."""
@@ -92,6 +97,9 @@ class NullRecorder(Recorder):
         pass
 
     def artifact(self, kind, path):
+        pass
+
+    def series(self, name, values, task=None):
         pass
 
 

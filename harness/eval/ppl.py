@@ -26,6 +26,15 @@ class PPLResult:
     predicted: int  # tokens whose likelihood entered the mean
     windows: int
     seconds: float
+    # mean NLL of each window, in order: the unit of the bootstrap interval and of paired
+    # comparisons between runs evaluated on the same windows
+    window_nll: tuple[float, ...] = ()
+
+    def interval(self) -> tuple[float, float] | None:
+        """95% bootstrap interval of the PPL over windows (None for a single window)."""
+        from harness.stats import ppl_interval
+
+        return ppl_interval(self.window_nll)
 
 
 @torch.no_grad()
@@ -56,7 +65,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048,
                            f"{seq_len}; lower --seq-len or use more text")
     device = next(model.parameters()).device
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    total_nll = torch.zeros((), dtype=torch.float64)
+    per_window: list[torch.Tensor] = []
     start = time.perf_counter()
     batches = range(0, n_windows, batch_size)
     if progress:
@@ -71,13 +80,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048,
             x = windows[i : i + batch_size].to(device)
             logits = model(x, **kwargs).logits[:, :-1].float()
             nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+                logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none"
             )
-            total_nll += nll.double().cpu()
+            per_window.append(nll.view(x.size(0), -1).double().sum(dim=1).cpu())
     finally:
         model.train(was_training)
+    sums = torch.cat(per_window)
     predicted = n_windows * (seq_len - 1)
-    mean_nll = (total_nll / predicted).item()
+    mean_nll = (sums.sum() / predicted).item()
     ppl = math.exp(mean_nll) if mean_nll < 700 else float("inf")
     return PPLResult(ppl=ppl, nll=mean_nll, tokens=n_windows * seq_len, predicted=predicted,
-                     windows=n_windows, seconds=time.perf_counter() - start)
+                     windows=n_windows, seconds=time.perf_counter() - start,
+                     window_nll=tuple((sums / (seq_len - 1)).tolist()))

@@ -52,3 +52,40 @@ def _spec():
 
     return RunSpec(model="tiny-llama", method="rtn",
                    config={"bits": 3, "group_size": 64, "fmt": "int"}, eval=EvalSpec())
+
+
+def test_series_travel_through_a_worker_buffer_to_the_store(store):
+    from harness.config import EvalSpec, RunSpec
+    from harness.recorders import BufferRecorder, replay
+
+    run = store.begin_run(RunSpec(model="tiny-llama", method="rtn", config={"bits": 3},
+                                  eval=EvalSpec()))
+    buf = BufferRecorder()
+    buf.series("nll", torch.tensor([3.25, 2.5, 4.0]), task="ppl")
+    buf.series("correct", [True, False], task="shakespeare_cloze")
+    replay(buf.drain(), store, run.id)
+    assert store.series(run.id) == {("nll", "ppl"): [3.25, 2.5, 4.0],
+                                    ("correct", "shakespeare_cloze"): [1.0, 0.0]}
+    assert store.series(run.id, "nll") == {("nll", "ppl"): [3.25, 2.5, 4.0]}
+    store.begin_run(RunSpec(model="tiny-llama", method="rtn", config={"bits": 3},
+                            eval=EvalSpec()))  # a rerun recomputes them
+    assert store.series(run.id) == {}
+
+
+def test_a_database_from_before_series_reads_without_them(store, db_url):
+    import sqlite3
+    from contextlib import closing
+
+    from harness.config import EvalSpec, RunSpec
+    from harness.store import Store
+
+    run = store.begin_run(RunSpec(model="tiny-llama", method="rtn", config={"bits": 3},
+                                  eval=EvalSpec()))
+    store.engine.dispose()
+    with closing(sqlite3.connect(db_url.removeprefix("sqlite:///"))) as con:
+        con.execute("DROP TABLE series")
+        con.commit()
+    old = Store(db_url, readonly=True)  # the dashboard's and `harness list`'s store
+    assert old.series(run.id) == {}
+    Store(db_url)  # a writer adds the table to the old database
+    assert Store(db_url, readonly=True).series(run.id) == {}

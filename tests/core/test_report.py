@@ -54,30 +54,37 @@ def ladder_db(store, db_url):
                            "shakespeare_nextline/acc": 0.36,
                            "shakespeare_nextline/acc_stderr": 0.0686,
                            "shakespeare_nextline/acc_norm": 0.56})
-    _add(store, "bitdistiller", _q(3, "nf3", steps=40), {"ppl": 46.0, **size})
+    _add(store, "bitdistiller", _q(3, "nf3", steps=40),
+         {"ppl": 46.0, "ppl_ci95_low": 44.5, "ppl_ci95_high": 48.25, **size})
     _add(store, "clip", _q(3, "nf3"), {"ppl": 50.0, **size})
+    _add(store, "clip", _q(3, "nf3"), {"ppl": 52.0, **size}, seed=1)  # a replicate
     _add(store, "rtn", _q(3, "nf3"), {"ppl": 80.0, **size})
     _add(store, "qat", _q(3, "nf3", steps=40), {"ppl": 9.0}, status="running")
     return db_url
 
 
 EXPECTED = """\
-| tokens/window | method | fmt | bits | group | PPL | PPL/FP | shakespeare_cloze acc \
-| shakespeare_nextline acc | acc_avg | bits/weight | size MB | train steps |
-|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| 16,384/2048 | fp | - | - | - | 40.00 | 1.00 | 0.220 ± 0.059 | 0.360 ± 0.069 | 0.290 \
-| 16.000 | 269.03 | - |
-| 16,384/2048 | rtn | nf3 | 3 | 64 | 80.00 | 2.00 | - | - | - | 3.500 | 103.14 | - |
-| 16,384/2048 | clip | nf3 | 3 | 64 | 50.00 | 1.25 | - | - | - | 3.500 | 103.14 | - |
-| 16,384/2048 | bitdistiller | nf3 | 3 | 64 | 46.00 | 1.15 | - | - | - | 3.500 | 103.14 | 40 |
-| 16,384/2048 | absmax | int | 3 | 64 | 90.00 | 2.25 | - | - | - | 3.500 | 103.14 | - |
-| 16,384/2048 | rtn | int | 2 | 64 | 4.42e+05 | 11,050.00 | - | - | - | 2.281 | - | - |
-| 16,384/2048 | qat | int | 2 | 64 | 190.00 | 4.75 | 0.100 | - | - | 2.281 | - | 40 |
-| 16,384/2048 | onebit | - | 1 | - | 2,400.00 | 60.00 | 0.000 ± 0.000 | 0.200 ± 0.057 | 0.100 \
-| 1.046 | 70.57 | 40 |
-| all/2048 | rtn | nf3 | 3 | 64 | 78.00 | - | - | - | - | 3.500 | 103.14 | - |
+| tokens/window | method | fmt | bits | group | PPL | PPL 95% CI | PPL/FP\
+ | shakespeare_cloze acc | shakespeare_nextline acc | acc_avg | bits/weight | size MB\
+ | train steps |
+|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| 16,384/2048 | fp | - | - | - | 40.00 | - | 1.00 | 0.220 ± 0.059 | 0.360 ± 0.069 | 0.290\
+ | 16.000 | 269.03 | - |
+| 16,384/2048 | rtn | nf3 | 3 | 64 | 80.00 | - | 2.00 | - | - | - | 3.500 | 103.14 | - |
+| 16,384/2048 | clip | nf3 | 3 | 64 | 51.00 ± 1.41 (n=2) | - | 1.27 | - | - | - | 3.500\
+ | 103.14 | - |
+| 16,384/2048 | bitdistiller | nf3 | 3 | 64 | 46.00 | 44.50-48.25 | 1.15 | - | - | - | 3.500\
+ | 103.14 | 40 |
+| 16,384/2048 | absmax | int | 3 | 64 | 90.00 | - | 2.25 | - | - | - | 3.500 | 103.14 | - |
+| 16,384/2048 | rtn | int | 2 | 64 | 4.42e+05 | - | 11,050.00 | - | - | - | 2.281 | - | - |
+| 16,384/2048 | qat | int | 2 | 64 | 190.00 | - | 4.75 | 0.100 | - | - | 2.281 | - | 40 |
+| 16,384/2048 | onebit | - | 1 | - | 2,400.00 | - | 60.00 | 0.000 ± 0.000 | 0.200 ± 0.057\
+ | 0.100 | 1.046 | 70.57 | 40 |
+| all/2048 | rtn | nf3 | 3 | 64 | 78.00 | - | - | - | - | - | 3.500 | 103.14 | - |
 
-PPL/FP divides by the fp run of the same model, window and token cap.
+PPL/FP divides by the fp run of the same model, window and token cap. PPL 95% CI: bootstrap \
+over the evaluation windows ("-": stored without per-window results); accuracy ± lm-eval's \
+standard error; replicates of one spec (seeds) show mean ± std (n).
 PPL: first 16,384 held-out tokens, windows of 2048; accuracy: first 50 examples per task \
 (profile quick).
 PPL: all held-out tokens, windows of 2048 (profile quick).
@@ -98,17 +105,19 @@ def test_report_plain_text_and_method_filter(cli, ladder_db):
     assert code == 0
     lines = out.splitlines()
     # one protocol among the shown runs: no tokens/window column; only cloze has an acc
-    assert lines[0].split() == ["method", "fmt", "bits", "group", "PPL", "PPL/FP",
-                                "shakespeare_cloze", "acc", "acc_avg", "bits/weight", "size",
-                                "MB", "train", "steps"]
+    assert lines[0].split() == ["method", "fmt", "bits", "group", "PPL", "PPL", "95%", "CI",
+                                "PPL/FP", "shakespeare_cloze", "acc", "acc_avg", "bits/weight",
+                                "size", "MB", "train", "steps"]
     assert set(lines[1]) == {"-", " "}
-    # fp is not shown, but the ratios still divide by it
+    # fp is not shown, but the ratios still divide by it; two clip seeds are one row
     assert [line.split() for line in lines[2:4]] == [
-        ["clip", "nf3", "3", "64", "50.00", "1.25", "-", "-", "3.500", "103.14", "-"],
-        ["qat", "int", "2", "64", "190.00", "4.75", "0.100", "-", "2.281", "-", "40"]]
-    assert lines[4:] == ["PPL/FP divides by the fp run of the same model, window and token cap.",
-                         "PPL: first 16,384 held-out tokens, windows of 2048; accuracy: first 50 "
-                         "examples per task (profile quick)."]
+        ["clip", "nf3", "3", "64", "51.00", "±", "1.41", "(n=2)", "-", "1.27", "-", "-",
+         "3.500", "103.14", "-"],
+        ["qat", "int", "2", "64", "190.00", "-", "4.75", "0.100", "-", "2.281", "-", "40"]]
+    assert lines[4].startswith("PPL/FP divides by the fp run of the same model, window and "
+                               "token cap. PPL 95% CI: bootstrap over the evaluation windows")
+    assert lines[5:] == ["PPL: first 16,384 held-out tokens, windows of 2048; accuracy: first "
+                         "50 examples per task (profile quick)."]
 
 
 def test_report_of_one_protocol_has_no_protocol_column(cli, store, db_url):
@@ -117,11 +126,11 @@ def test_report_of_one_protocol_has_no_protocol_column(cli, store, db_url):
     code, out, _ = cli("report", "--markdown", "--db", db_url)
     assert code == 0
     assert out.splitlines()[:4] == [
-        "| method | fmt | bits | group | PPL | PPL/FP | acc_avg | bits/weight | size MB "
-        "| train steps |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        "| fp | - | - | - | 30.00 | 1.00 | - | - | - | - |",
-        "| rtn | int | 2 | 64 | 45.00 | 1.50 | - | - | - | - |"]
+        "| method | fmt | bits | group | PPL | PPL 95% CI | PPL/FP | acc_avg | bits/weight "
+        "| size MB | train steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fp | - | - | - | 30.00 | - | 1.00 | - | - | - | - |",
+        "| rtn | int | 2 | 64 | 45.00 | - | 1.50 | - | - | - | - |"]
 
 
 @pytest.mark.parametrize("argv,needle", [

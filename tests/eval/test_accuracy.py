@@ -101,6 +101,9 @@ def test_evaluate_tasks_on_tiny_records_metrics(tiny, tmp_path, monkeypatch, cap
         def metric(self, name, value, task=None, **extra):
             self.rows.append((name, task, value))
 
+        def series(self, name, values, task=None):
+            self.rows.append((name, task, list(values)))
+
     model, tok = tiny
     rec = Rec()
     out = evaluate_tasks(model, tok, TASKS.split(","), 4, rec)
@@ -205,6 +208,9 @@ def test_evaluate_tasks_scores_a_known_model_exactly():
         def metric(self, name, value, task=None, **extra):
             self.rows.append((name, task, value))
 
+        def series(self, name, values, task=None):
+            self.rows.append((name, task, list(values)))
+
     alphabet = "".join(sorted({c for ds in docs.values() for d in ds
                                for c in d["context"] + d.get("target", "")
                                + "".join(d.get("choices", []))}))
@@ -225,6 +231,11 @@ def test_evaluate_tasks_scores_a_known_model_exactly():
     assert recorded[("acc_norm", "shakespeare_nextline")] == \
         expected["shakespeare_nextline/acc_norm"]
     assert recorded[("acc_avg", None)] == expected["acc_avg"]
+    # each document's own outcome, in document order: what paired comparisons are made from
+    assert recorded[("correct", "shakespeare_cloze")] == [float(h) for h in cloze_hits]
+    assert recorded[("correct", "shakespeare_nextline")] == [float(a) for a in acc]
+    assert out["acc_avg_stderr"] == pytest.approx(
+        math.sqrt(stderr(sum(cloze_hits)) ** 2 + stderr(sum(acc)) ** 2) / 2, rel=1e-12)
 
 
 def test_cli_run_with_tasks_stores_task_metrics(cli, db_url, tmp_path):
