@@ -34,9 +34,29 @@ PAGES = {"leaderboard": "Leaderboard", "compare": "Compare", "training": "Traini
 FIRST_RUN = "harness run --methods rtn --bits 3"
 # Leaderboard columns: source column -> header.
 BOARD = {"status": "status", "model": "model", "method": "method", "fmt": "fmt", "bits": "bits",
-         "group_size": "group", "ppl": "PPL", "ppl_fp": "PPL/FP"}
-BOARD_TAIL = {"acc_avg": "acc avg", "size_mb": "size MB", "bits_per_weight": "bits/weight",
-              "wall_s": "wall s"}
+         "group_size": "group", "seeds": "seeds", "ppl": "PPL", "ppl_rank": "PPL rank",
+         "ppl_fp": "PPL/FP"}
+BOARD_TAIL = {"acc_avg": "acc avg", "acc_rank": "acc rank", "size_mb": "size MB",
+              "bits_per_weight": "bits/weight", "wall_s": "wall s"}
+# Columns shown with their uncertainty (text: "31.10 ± 0.46 (n=3)", "31.00 [30.20, 31.90]"),
+# and their digits (2 unless named; per-task accuracy 3).
+UNCERTAIN = ("ppl", "ppl_fp", "acc_avg")
+DIGITS = {"ppl_fp": 3, "acc_avg": 3}
+INTERVAL_NOTE = ("[low, high]: 95% interval of one run (PPL: bootstrap over the evaluation "
+                 "windows; accuracy: ± 1.96 × lm-eval's standard error)")
+NUMBERS_NOTE = (INTERVAL_NOTE + "; mean ± std (n=k): k seeds of one spec, std with ddof=1; a "
+                "bare number: stored without an interval. PPL/FP's interval is the run's PPL "
+                "interval over the FP run's PPL (the FP run's own uncertainty is not included).")
+RANK_NOTE = ("Rank: among quantized runs of one model and evaluation protocol (PPL: window "
+             f"and token cap; accuracy: tasks, limit, shots). \"{queries.WITHIN_NOISE}\": its "
+             "interval overlaps the best one's, so the order between them is not resolved; a "
+             "seed group's interval is its mean ± the wider of the std across seeds and its "
+             "runs' mean 95% interval. A run stored without an interval keeps a strict rank.")
+WHISKERS_NOTE = ("Whiskers: 95% intervals (PPL: bootstrap over the evaluation windows; "
+                 "accuracy: ± 1.96 × lm-eval's standard error; PPL/FP: the run's PPL interval "
+                 "over the FP run's PPL, the FP run's own uncertainty not included). A seed "
+                 "group (n > 1) shows its mean, whiskered by the wider of the std across seeds "
+                 "(ddof=1) and its runs' mean 95% interval. No whisker: no interval stored.")
 
 
 # --- cached data access (keyed on the database version) ----------------------------------
@@ -102,6 +122,70 @@ def run_choices(board: pd.DataFrame, ids=None) -> dict[str, int]:
     return dict(zip(df["label"], df["id"], strict=True))
 
 
+def ranked(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows with ``ppl_rank`` and ``acc_rank`` (:func:`queries.rank_column`)."""
+    return rows.assign(ppl_rank=queries.rank_column(rows, "ppl"),
+                       acc_rank=queries.rank_column(rows, "acc_avg", higher_is_better=True))
+
+
+def protocol_name(row) -> str:
+    """``model, windows of 256, first 2,048 tokens``: the PPL protocol a ranking is within."""
+    cap, window = queries._none(row["eval_max_tokens"]), queries._none(row["eval_seq_len"])
+    parts = [str(row["model"])] + ([f"windows of {int(window)}"] if window is not None else [])
+    parts.append("all held-out tokens" if cap is None else f"first {int(cap):,} tokens")
+    return ", ".join(parts)
+
+
+def noise_summary(rows: pd.DataFrame, metric: str, rank: str, what: str) -> list[str]:
+    """One line per protocol: the best run and the runs within noise of it."""
+    lines = []
+    best = rows[rows[rank] == queries.BEST]
+    for idx, b in best.iterrows():
+        if metric.startswith("acc"):
+            same = rows["acc_protocol"] == b["acc_protocol"]
+            where = str(b["model"]) + " (same tasks)"
+        else:
+            ref = queries._protocols(rows.loc[[idx]])[0]
+            same = pd.Series([p == ref for p in queries._protocols(rows)], index=rows.index)
+            where = protocol_name(b)
+        near = rows[same & (rows[rank] == queries.WITHIN_NOISE)]
+        value = queries.uncertain_column(rows.loc[[idx]], metric,
+                                         DIGITS.get(metric, 2)).iloc[0]
+        line = f"**{where}** — best {what}: {b['label']}, {value}; "
+        line += (f"{queries.WITHIN_NOISE}: " + ", ".join(near["label"]) if len(near)
+                 else "every other run is outside its interval")
+        lines.append(line)
+    return lines
+
+
+def evaluation_line(metrics: pd.DataFrame) -> str:
+    """``PPL 31.00 [30.30, 31.90] · acc avg ...`` of one run's metrics (``run_detail``)."""
+    values = {n: v for t, n, v in zip(metrics["task"], metrics["name"], metrics["value"],
+                                      strict=True) if not t}
+    if not values:
+        return ""
+    one = queries.with_intervals(pd.DataFrame([values]))
+    parts = []
+    for col in [*queries.ppl_columns(one), "acc_avg"]:
+        if col in one.columns and pd.notna(one[col].iloc[0]):
+            name = {"acc_avg": "acc avg", "ppl": "PPL"}.get(col, "PPL " + col[len("ppl_"):])
+            text = queries.uncertain_column(one, col, DIGITS.get(col, 2)).iloc[0]
+            parts.append(f"**{name}** {text}")
+    return " · ".join(parts)
+
+
+def replicates_of(board: pd.DataFrame, run_key: str) -> list[tuple[int, str]]:
+    """``(seed, run key)`` of the other runs of this run's spec, by seed."""
+    if "replicate_key" not in board.columns:
+        return []
+    me = board[board["run_key"] == run_key]
+    if me.empty or me["replicate_key"].iloc[0] is None:
+        return []
+    same = board[(board["replicate_key"] == me["replicate_key"].iloc[0])
+                 & (board["run_key"] != run_key)]
+    return sorted((int(s), k) for s, k in zip(same["seed"], same["run_key"], strict=True))
+
+
 def fmt_value(v, digits: int = 2) -> str:
     from harness.report import fmt_num
 
@@ -137,33 +221,52 @@ def page_leaderboard(url: str, board: pd.DataFrame) -> None:
     for field, chosen in filters.items():
         if chosen:
             df = df[df[field].isin(chosen)]
+    by_spec = st.toggle("Group seeds of one spec (mean ± std)", value=True, key="board_group",
+                        help="runs whose specs differ only in the seed")
+    rows = ranked(queries.group_replicates(df, by_spec=by_spec))
+    rows = rows.sort_values(["ppl_fp", "ppl"], na_position="last")
     tasks = queries.tasks_of(board)
     task_cols = {}
     for t in tasks:
         c = queries._task_acc_column(board, t)
         if c:
             task_cols[c] = t
-    view = pd.DataFrame({"run": [f"?page=detail&run={k}" for k in df["run_key"]]},
-                        index=df.index)
-    for src, name in {**BOARD, **task_cols, **BOARD_TAIL}.items():
-        view[name] = df[src] if src in df.columns else pd.NA
-    view = view.sort_values(["PPL/FP", "PPL"], na_position="last")
+    more_ppl = {c: "PPL " + c[len("ppl_"):] for c in queries.ppl_columns(board) if c != "ppl"}
+    view = pd.DataFrame({"run": [f"?page=detail&run={k}" for k in rows["run_key"]]},
+                        index=rows.index)
+    for src, name in {**BOARD, **more_ppl, **task_cols, **BOARD_TAIL}.items():
+        if src in UNCERTAIN or src in more_ppl or src in task_cols:
+            view[name] = queries.uncertain_column(rows, src, DIGITS.get(src, 3 if src in
+                                                                        task_cols else 2))
+        elif src == "seeds":
+            view[name] = [", ".join(str(x) for x in v) for v in rows["seeds"]]
+        else:
+            view[name] = rows[src] if src in rows.columns else pd.NA
     config = {
         "run": st.column_config.LinkColumn("run", display_text=r"run=(\w+)",
-                                           help="open the run detail"),
-        "PPL": st.column_config.NumberColumn(format="%.2f"),
-        "PPL/FP": st.column_config.NumberColumn(format="%.3f", help="PPL over the fp run's"),
-        "acc avg": st.column_config.NumberColumn(format="%.3f"),
+                                           help="open the run detail (a seed group: its first "
+                                                "run; every run is in the picker below)"),
+        "seeds": st.column_config.TextColumn(help="seeds of the runs in this row"),
+        "PPL": st.column_config.TextColumn(help="perplexity with its uncertainty"),
+        "PPL rank": st.column_config.TextColumn(help=RANK_NOTE),
+        "PPL/FP": st.column_config.TextColumn(help="PPL over the fp run's"),
+        "acc avg": st.column_config.TextColumn(help="average task accuracy"),
+        "acc rank": st.column_config.TextColumn(help=RANK_NOTE),
         "size MB": st.column_config.NumberColumn(format="%.2f"),
         "bits/weight": st.column_config.NumberColumn(format="%.3f"),
         "wall s": st.column_config.NumberColumn(format="%.0f"),
     }
     for t in task_cols.values():
-        config[t] = st.column_config.NumberColumn(format="%.3f", help=f"{t} accuracy")
+        config[t] = st.column_config.TextColumn(help=f"{t} accuracy")
     st.dataframe(view, hide_index=True, column_config=config, key="board")
     failed = int((df["status"] == "failed").sum())
-    st.caption(f"{len(df)} of {len(board)} runs · click a column header to sort"
-               + (f" · {failed} failed (open the run for its error)" if failed else ""))
+    groups = int((rows["n"] > 1).sum()) if len(rows) else 0
+    st.caption(f"{len(df)} of {len(board)} runs"
+               + (f" in {len(rows)} rows ({groups} seed group{'s' * (groups > 1)})"
+                  if groups else "")
+               + " · sorted by PPL/FP" + (f" · {failed} failed (open the run for its error)"
+                                          if failed else ""))
+    st.caption(NUMBERS_NOTE + " " + RANK_NOTE)
     left, right = st.columns([3, 1])
     labels = dict(zip(df["label"], df["run_key"], strict=True))
     if labels:
@@ -183,30 +286,46 @@ def page_compare(url: str, board: pd.DataFrame, version: str) -> None:
     # the newest twelve: the runs just made are the ones a user comes to compare
     picked = st.multiselect("Runs", list(choices), default=list(choices)[-12:], key="cmp_runs")
     sel = done[done["id"].isin([choices[p] for p in picked])]
+    by_spec = st.toggle("Group seeds of one spec (mean ± std)", value=True, key="cmp_group",
+                        help="runs whose specs differ only in the seed: one bar, one point")
+    rows = ranked(queries.group_replicates(sel, by_spec=by_spec))
     numeric = [c for c in ["ppl", "ppl_fp", "size_mb", "bits_per_weight", "acc_avg",
-                           "compression_vs_fp16", "wall_s", *queries.task_columns(board)]
-               if c in sel.columns and sel[c].notna().any()]
+                           "compression_vs_fp16", "wall_s", *queries.ppl_columns(board)[1:],
+                           *queries.task_columns(board)]
+               if c in rows.columns and rows[c].notna().any()]
     default = [c for c in ("ppl", "ppl_fp", "size_mb", "acc_avg") if c in numeric]
     metrics = st.multiselect("Metrics", numeric, default=default, key="cmp_metrics",
                              format_func=charts.title_of)
-    chart(charts.metric_bars(sel, metrics), key="cmp_bars")
+    chart(charts.metric_bars(rows, metrics), key="cmp_bars")
+    st.caption(WHISKERS_NOTE)
     st.subheader("Perplexity vs size")
     x = st.radio("x axis", ["size_mb", "bits_per_weight"], horizontal=True, key="cmp_x",
                  format_func=charts.title_of)
-    chart(charts.pareto_scatter(sel, x=x, y="ppl"), key="cmp_pareto")
-    ratio = sel[sel["ppl_fp"].notna() & (sel["method"] != queries.FP_METHOD)]
-    if not ratio.empty:
-        st.subheader("PPL / FP (the unquantized reference), per model")
-        _stretch(st.dataframe, ratio[["model", "label", "ppl", "ppl_fp"]]
-                 .rename(columns={"ppl": "PPL", "ppl_fp": "PPL/FP"}), hide_index=True,
-                 column_config={"PPL": st.column_config.NumberColumn(format="%.2f"),
-                                "PPL/FP": st.column_config.NumberColumn(format="%.3f")})
+    chart(charts.pareto_scatter(rows, x=x, y="ppl"), key="cmp_pareto")
+    contest = rows[(rows["ppl_rank"] != "") | (rows["acc_rank"] != "")]
+    if not contest.empty:
+        st.subheader("Ranking within noise, per model and evaluation protocol")
+        for line in (noise_summary(rows, "ppl", "ppl_rank", "PPL")
+                     + noise_summary(rows, "acc_avg", "acc_rank", "accuracy")):
+            st.markdown("- " + line)
+        table = pd.DataFrame({
+            "model": contest["model"], "run": contest["label"],
+            "PPL": queries.uncertain_column(contest, "ppl"),
+            "PPL/FP": queries.uncertain_column(contest, "ppl_fp", 3),
+            "PPL rank": contest["ppl_rank"],
+            "acc avg": queries.uncertain_column(contest, "acc_avg", 3),
+            "acc rank": contest["acc_rank"]})
+        _stretch(st.dataframe, table.loc[contest.sort_values(["ppl_fp", "ppl"]).index],
+                 hide_index=True, key="cmp_ranks")
+        st.caption(NUMBERS_NOTE + " " + RANK_NOTE)
     st.subheader("Accuracy per task")
     scores = load_tasks(url, version, tuple(int(i) for i in sel["id"]))
     if scores.empty:
         st.caption("No task accuracy stored; add `--tasks arc_easy,piqa` to `harness run`.")
     else:
-        chart(charts.accuracy_radar(scores), key="cmp_radar")
+        chart(charts.accuracy_bars(queries.group_scores(scores, rows)), key="cmp_acc")
+        st.caption("Whiskers: ± 1.96 × lm-eval's standard error (a seed group: the wider of "
+                   "that and the std across seeds); no whisker: no standard error stored.")
 
 
 def page_training(url: str, board: pd.DataFrame, version: str) -> None:
@@ -292,6 +411,14 @@ def page_detail(url: str, board: pd.DataFrame, version: str) -> None:
             if name in mem:
                 col.metric(charts.title_of(name),
                            fmt_value(mem[name], 3 if name == "bits_per_weight" else 2))
+    evaluation = evaluation_line(d["metrics"])
+    if evaluation:
+        st.markdown(evaluation)
+        st.caption(INTERVAL_NOTE + "; a bare number: stored without an interval.")
+    siblings = replicates_of(board, run["run_key"])
+    if siblings:
+        st.markdown("Replicates of this spec (other seeds): " + " · ".join(
+            f"[seed {seed}: {key}](?page=detail&run={key})" for seed, key in siblings))
     left, right = st.columns(2)
     with left:
         st.subheader("Metrics")

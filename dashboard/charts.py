@@ -3,6 +3,11 @@
 Each builder accepts the frames :mod:`dashboard.queries` returns, tolerates empty input (an
 empty figure with a note), and puts perplexity on a log axis when it spans more than
 :data:`LOG_SPAN` — a 2-bit RTN run is often 1000x worse than full precision.
+
+Bars and points carry whiskers (plotly ``error_y``) from the frame's ``<metric>_lo`` /
+``<metric>_hi`` columns (:func:`dashboard.queries.with_intervals`, ``group_replicates``).
+A row without an interval goes into a trace of its own without ``error_y``: plotly draws a
+missing entry of an error array as a zero-length whisker, which reads as "no uncertainty".
 """
 
 from __future__ import annotations
@@ -52,12 +57,63 @@ def _finite(df: pd.DataFrame, col: str) -> pd.DataFrame:
     return df[np.isfinite(v)]
 
 
+def error_arrays(df: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(plus, minus)`` whisker lengths of ``metric`` per row: ``hi - value`` and
+    ``value - lo`` from its ``_lo``/``_hi`` columns. NaN where no interval is known, and where
+    it has zero width (a constant over seeds, e.g. size): neither gets a whisker."""
+    value = pd.to_numeric(df[metric], errors="coerce").to_numpy(dtype=float)
+    nan = np.full(len(df), np.nan)
+    lo = (pd.to_numeric(df[metric + "_lo"], errors="coerce").to_numpy(dtype=float)
+          if metric + "_lo" in df.columns else nan)
+    hi = (pd.to_numeric(df[metric + "_hi"], errors="coerce").to_numpy(dtype=float)
+          if metric + "_hi" in df.columns else nan)
+    # a bootstrap bound can sit a hair on the wrong side of the point estimate: no negative
+    # whisker lengths
+    plus, minus = np.clip(hi - value, 0, None), np.clip(value - lo, 0, None)
+    unknown = ~(np.isfinite(plus) & np.isfinite(minus)) | ((plus == 0) & (minus == 0))
+    plus[unknown], minus[unknown] = np.nan, np.nan
+    return plus, minus
+
+
+def error_y(plus, minus) -> dict:
+    """plotly ``error_y`` of whisker lengths; symmetric (accuracy's ± stderr) when equal."""
+    plus, minus = np.asarray(plus, dtype=float), np.asarray(minus, dtype=float)
+    if np.allclose(plus, minus):
+        return dict(type="data", array=plus, symmetric=True, visible=True, thickness=1.5)
+    return dict(type="data", array=plus, arrayminus=minus, symmetric=False, visible=True,
+                thickness=1.5)
+
+
+def with_whiskers(part: pd.DataFrame, metric: str) -> list[tuple[pd.DataFrame, dict | None]]:
+    """``part`` split into the rows with an interval (and their ``error_y``) and those
+    without (None): one trace each, never a zero-length whisker."""
+    plus, minus = error_arrays(part, metric)
+    known = np.isfinite(plus)
+    out: list[tuple[pd.DataFrame, dict | None]] = []
+    if known.any():
+        out.append((part[known], error_y(plus[known], minus[known])))
+    if (~known).any():
+        out.append((part[~known], None))
+    return out
+
+
+def _hover(part: pd.DataFrame, metric: str, digits: int) -> list[str]:
+    from dashboard.queries import uncertain_column
+
+    return list(uncertain_column(part, metric, digits).fillna(""))
+
+
+def _digits(metric: str) -> int:
+    return 3 if metric == "ppl_fp" or "acc" in metric or metric == "bits_per_weight" else 2
+
+
 def metric_bars(df: pd.DataFrame, metrics: Sequence[str], label: str = "label",
                 color: str = "method") -> go.Figure:
-    """One panel per metric, one bar per run (coloured by method); log axis where PPL explodes.
+    """One panel per metric, one bar per run or replicate group (coloured by method), with a
+    whisker where an interval is known; log axis where PPL explodes.
 
     Args:
-        df: a leaderboard frame (one row per run).
+        df: a leaderboard frame (one row per run) or ``queries.group_replicates`` of one.
         metrics: columns to show, e.g. ``["ppl", "size_mb", "acc_avg"]``.
     """
     metrics = [m for m in metrics if m in df.columns]
@@ -70,12 +126,18 @@ def metric_bars(df: pd.DataFrame, metrics: Sequence[str], label: str = "label",
     for i, metric in enumerate(metrics, start=1):
         sub = _finite(df, metric)
         for group, part in sub.groupby(sub[color].astype(str), sort=False):
-            fig.add_trace(go.Bar(x=part[label], y=part[metric], name=group,
-                                 marker_color=palette[group], legendgroup=group,
-                                 showlegend=group not in shown,
-                                 hovertemplate="%{x}<br>%{y:.4g}<extra>" + group + "</extra>"),
-                          row=1, col=i)
-            shown.add(group)
+            for rows, err in with_whiskers(part, metric):
+                # one offset group per panel: each label has one bar, so bars of different
+                # traces (methods, with/without whisker) need no side-by-side slots
+                fig.add_trace(go.Bar(x=rows[label], y=rows[metric], name=group,
+                                     marker_color=palette[group], legendgroup=group,
+                                     showlegend=group not in shown, error_y=err,
+                                     offsetgroup=f"p{i}",
+                                     customdata=_hover(rows, metric, _digits(metric)),
+                                     hovertemplate="%{x}<br>%{customdata}<extra>" + group
+                                                   + "</extra>"),
+                              row=1, col=i)
+                shown.add(group)
         if needs_log(sub[metric]):
             fig.update_yaxes(type="log", dtick=1, row=1, col=i)
     fig.update_layout(template=TEMPLATE, barmode="group", height=420,
@@ -97,9 +159,11 @@ def pareto_front(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 def pareto_scatter(df: pd.DataFrame, x: str = "size_mb", y: str = "ppl", label: str = "label",
                    color: str = "method") -> go.Figure:
-    """``y`` (perplexity) against ``x`` (model size) per run, with the Pareto front drawn.
+    """``y`` (perplexity) against ``x`` (model size) per run or replicate group, with the
+    Pareto front drawn and ``y``'s whisker where an interval is known.
 
-    Lower-left is better; the line joins runs no other run beats on both axes.
+    Lower-left is better; the line joins runs no other run beats on both axes (on the point
+    values: a front through means, not through the whiskers).
     """
     if df.empty or x not in df.columns or y not in df.columns:
         return _empty("no finished runs with size and perplexity")
@@ -109,11 +173,14 @@ def pareto_scatter(df: pd.DataFrame, x: str = "size_mb", y: str = "ppl", label: 
     fig = go.Figure()
     palette = _palette(pts[color].astype(str).unique())
     for group, part in pts.groupby(pts[color].astype(str), sort=False):
-        fig.add_trace(go.Scatter(
-            x=part[x], y=part[y], mode="markers", name=group, text=part[label],
-            marker=dict(size=12, color=palette[group], line=dict(width=1, color="white")),
-            hovertemplate="%{text}<br>" + title_of(x) + " %{x:.4g}<br>" + title_of(y)
-                          + " %{y:.4g}<extra></extra>"))
+        for n, (rows, err) in enumerate(with_whiskers(part, y)):
+            fig.add_trace(go.Scatter(
+                x=rows[x], y=rows[y], mode="markers", name=group, text=rows[label],
+                legendgroup=group, showlegend=n == 0, error_y=err,
+                customdata=_hover(rows, y, _digits(y)),
+                marker=dict(size=12, color=palette[group], line=dict(width=1, color="white")),
+                hovertemplate="%{text}<br>" + title_of(x) + " %{x:.4g}<br>" + title_of(y)
+                              + " %{customdata}<extra></extra>"))
     front = pareto_front(pts, x, y)
     fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front",
                              line=dict(color="#444", dash="dash", shape="hv"),
@@ -126,29 +193,30 @@ def pareto_scatter(df: pd.DataFrame, x: str = "size_mb", y: str = "ppl", label: 
     return fig
 
 
-def accuracy_radar(scores: pd.DataFrame, label: str = "label") -> go.Figure:
-    """Per-task accuracy of each run on a radar (``queries.task_scores`` frame).
+def accuracy_bars(scores: pd.DataFrame, label: str = "label") -> go.Figure:
+    """Per-task accuracy, one bar per run or replicate group and task, with a whisker where
+    a standard error is known (``queries.task_scores``, or ``queries.group_scores`` of it).
 
-    With fewer than three tasks a radar degenerates to a line, so grouped bars are drawn.
+    Bars, not a radar: a polar trace has no error bars, and the uncertainty is the point.
     """
     if scores.empty:
         return _empty("no task accuracy stored; run with --tasks")
-    tasks = sorted(scores["task"].unique())
-    if len(tasks) < 3:
-        fig = go.Figure([go.Bar(x=part["task"], y=part["value"], name=str(name))
-                         for name, part in scores.groupby(label, sort=False)])
-        fig.update_layout(template=TEMPLATE, barmode="group", height=400,
-                          yaxis=dict(title="accuracy", range=[0, 1]))
-        return fig
+    palette = _palette(scores[label].astype(str).unique())
     fig = go.Figure()
-    for name, part in scores.groupby(label, sort=False):
-        vals = part.set_index("task")["value"].reindex(tasks)
-        r = list(vals.to_numpy(dtype=float)) + [float(vals.iloc[0])]
-        fig.add_trace(go.Scatterpolar(r=r, theta=tasks + tasks[:1], name=str(name),
-                                      fill="toself", opacity=0.55))
-    top = float(np.nanmax(scores["value"].to_numpy(dtype=float))) if len(scores) else 1.0
-    fig.update_layout(template=TEMPLATE, height=450,
-                      polar=dict(radialaxis=dict(range=[0, max(1.0, top) if top > 1 else 1.0])))
+    for name, part in scores.groupby(scores[label].astype(str), sort=False):
+        for n, (rows, err) in enumerate(with_whiskers(part, "value")):
+            # one offset group per run: its tasks with and without a whisker share a slot
+            fig.add_trace(go.Bar(x=rows["task"], y=rows["value"], name=name, legendgroup=name,
+                                 showlegend=n == 0, error_y=err, offsetgroup=name,
+                                 marker_color=palette[name],
+                                 customdata=_hover(rows, "value", 3),
+                                 hovertemplate="%{x}<br>%{customdata}<extra>" + name
+                                               + "</extra>"))
+    tops = [scores[c].to_numpy(dtype=float) for c in ("value", "value_hi") if c in scores]
+    top = float(np.nanmax(np.concatenate(tops)))
+    fig.update_layout(template=TEMPLATE, barmode="group", height=420,
+                      xaxis=dict(categoryorder="category ascending"),
+                      yaxis=dict(title="accuracy", range=[0, max(1.0, top)]))
     return fig
 
 

@@ -1,5 +1,9 @@
-"""A small results database shaped like real runs: fp, rtn, clip, qat, bitdistiller, onebit
-finished (metrics, task accuracy, train steps, layer stats), one failed and one running."""
+"""Small results databases shaped like real runs.
+
+``fake_db``: fp, rtn, clip, qat, bitdistiller, onebit finished (metrics, task accuracy, train
+steps, layer stats), one failed and one running; stored without intervals, as runs were before
+the harness recorded them. ``noise_db``: runs with 95% PPL intervals and accuracy standard
+errors, one of them (qat) in three seeds, one older run (rtn) without any interval."""
 
 from __future__ import annotations
 
@@ -18,14 +22,14 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _add_run(store: Store, method: str, bits: int | None, status: str = "finished",
              error: str | None = None, fmt: str | None = "int", group: int | None = 128,
-             minutes: int = 0) -> int:
+             minutes: int = 0, seed: int = 0) -> int:
     spec = {"schema": 1, "method": method, "model": MODEL, "fmt": fmt, "bits": bits,
-            "group_size": group, "profile": "quick", "seed": 0, "config": {"steps": 20}}
+            "group_size": group, "profile": "quick", "seed": seed, "config": {"steps": 20}}
     h = hashlib.sha256(repr(spec).encode()).hexdigest()
     start = datetime(2026, 1, 1, 12, 0) + timedelta(minutes=minutes)
     with store.session() as s, s.begin():
         run = Run(run_key=h[:12], spec_hash=h, method=method, model=MODEL, fmt=fmt, bits=bits,
-                  group_size=group, profile="quick", seed=0, spec=spec, status=status,
+                  group_size=group, profile="quick", seed=seed, spec=spec, status=status,
                   error=error, started_at=start,
                   finished_at=None if status == "running" else start + timedelta(seconds=42),
                   wall_s=None if status == "running" else 42.0, host="test", device="cpu",
@@ -97,6 +101,60 @@ def build_db(url: str) -> dict[str, int]:
     store.add_metric(ids["running"], "time_load_s", 1.0)
     store.engine.dispose()
     return ids
+
+
+# PPL 95% intervals (asymmetric, as a bootstrap of exp(mean NLL) is) and accuracy stderr.
+NOISE_PPL = {"fp": (20.0, 19.6, 20.5), "qat0": (31.0, 30.3, 31.9), "qat1": (31.6, 30.9, 32.5),
+             "qat2": (30.7, 30.0, 31.6), "bitdistiller": (31.9, 31.2, 32.9),
+             "clip": (36.0, 35.2, 36.9)}
+NOISE_ACC = {"fp": (0.60, 0.65), "qat0": (0.50, 0.61), "qat1": (0.52, 0.60),
+             "qat2": (0.49, 0.63), "bitdistiller": (0.45, 0.58)}
+NOISE_SE = 0.02  # every task's stderr; acc_avg's is sqrt(2 * 0.02^2) / 2
+
+
+def _with_noise(store: Store, run_id: int, name: str, size_mb: float, bpw: float) -> None:
+    ppl, low, high = NOISE_PPL[name]
+    tasks = dict(zip(("arc_easy", "piqa"), NOISE_ACC[name], strict=True)) \
+        if name in NOISE_ACC else None
+    _metrics(store, run_id, ppl, size_mb, bpw, tasks)
+    store.add_metric(run_id, "ppl_ci95_low", low)
+    store.add_metric(run_id, "ppl_ci95_high", high)
+    if tasks:
+        for task in tasks:
+            store.add_metric(run_id, "acc_stderr", NOISE_SE, task=task)
+        store.add_metric(run_id, "acc_avg_stderr", math.sqrt(2 * NOISE_SE ** 2) / 2)
+
+
+def build_noise_db(url: str) -> dict[str, int]:
+    """fp, rtn (no intervals), qat in seeds 0-2, bitdistiller and clip; ``{name: run id}``.
+
+    With the seed group's interval (mean 31.1, whiskers: the members' mean half-widths 0.7
+    below and 0.9 above, wider than the std 0.46), bitdistiller [31.2, 32.9] is within noise
+    of qat and clip [35.2, 36.9] is not; rtn has no interval and ranks strictly, last."""
+    store = Store(url)
+    ids = {"fp": _add_run(store, "fp", None, fmt=None, group=None)}
+    _with_noise(store, ids["fp"], "fp", 270.0, 16.0)
+    store.add_metric(ids["fp"], "ppl_wikitext2", 25.0)
+    store.add_metric(ids["fp"], "ppl_wikitext2_ci95_low", 24.0)
+    store.add_metric(ids["fp"], "ppl_wikitext2_ci95_high", 26.1)
+    ids["rtn"] = _add_run(store, "rtn", 2, minutes=1)
+    _metrics(store, ids["rtn"], 4500.0, 60.0, 2.25, {"arc_easy": 0.26, "piqa": 0.52})
+    for seed in range(3):
+        ids[f"qat{seed}"] = _add_run(store, "qat", 3, minutes=2 + seed, seed=seed)
+        _with_noise(store, ids[f"qat{seed}"], f"qat{seed}", 80.0, 3.25)
+    ids["bitdistiller"] = _add_run(store, "bitdistiller", 3, minutes=5)
+    _with_noise(store, ids["bitdistiller"], "bitdistiller", 80.0, 3.25)
+    ids["clip"] = _add_run(store, "clip", 3, minutes=6)
+    _with_noise(store, ids["clip"], "clip", 80.0, 3.25)
+    store.engine.dispose()
+    return ids
+
+
+@pytest.fixture(scope="session")
+def noise_db(tmp_path_factory) -> tuple[str, dict[str, int]]:
+    """(URL, ids) of the database with intervals and a seed group; opened read-only."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('noise') / 'runs.db'}"
+    return url, build_noise_db(url)
 
 
 @pytest.fixture(scope="session")

@@ -171,3 +171,74 @@ def test_only_a_failed_run(monkeypatch, tmp_path):
         if page == "compare":
             assert "No finished runs to compare yet." in _text(at)
     assert "out of memory" in _text(at)
+
+
+# --- uncertainty: seed groups, whiskers, within-noise marks ----------------------------------
+def test_leaderboard_groups_seeds_and_marks_within_noise(monkeypatch, noise_db):
+    from dashboard import queries
+
+    url, ids = noise_db
+    at = _app(monkeypatch, url)
+    _ok(at)
+    df = at.dataframe[0].value.set_index("method")
+    assert len(df) == len(ids) - 2  # the three qat seeds are one row
+    assert df.loc["qat", "seeds"] == "0, 1, 2"
+    assert df.loc["qat", "PPL"] == "31.10 ± 0.46 (n=3)"
+    assert df.loc["bitdistiller", "PPL"] == "31.90 [31.20, 32.90]"
+    assert df.loc["rtn", "PPL"] == "4,500.00"  # stored before intervals: the bare number
+    assert df.loc["bitdistiller", "PPL/FP"] == "1.595 [1.560, 1.645]"
+    assert df.loc["fp", "PPL wikitext2"] == "25.00 [24.00, 26.10]"
+    assert dict(df["PPL rank"]) == {"fp": queries.FP_REFERENCE, "qat": queries.BEST,
+                                    "bitdistiller": queries.WITHIN_NOISE, "clip": "3",
+                                    "rtn": "4"}
+    assert df.loc["bitdistiller", "acc rank"] == queries.WITHIN_NOISE
+    assert list(df.index[:2]) == ["fp", "qat"]  # still sorted by PPL/FP
+    assert "in 5 rows (1 seed group)" in _text(at) and "ddof=1" in _text(at)
+    # every run stays reachable: the picker lists each seed
+    assert len(at.selectbox(key="board_pick").options) == len(ids)
+    at.toggle(key="board_group").set_value(False).run()
+    _ok(at)
+    runs = at.dataframe[0].value
+    assert len(runs) == len(ids) and (runs["method"] == "qat").sum() == 3
+
+
+def test_compare_draws_whiskers_and_marks_within_noise(monkeypatch, noise_db):
+    from dashboard import queries
+
+    at = _app(monkeypatch, noise_db[0], page="compare")
+    _ok(at)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(specs) == 3  # metrics, Pareto, accuracy
+    for spec in specs:
+        whiskered = [t for t in spec["data"] if t.get("error_y", {}).get("visible")]
+        assert whiskered, spec["layout"].get("title")
+        # rtn has no interval: it is drawn, in a trace without error_y
+        bare = [t for t in spec["data"] if "error_y" not in t and t.get("name") != "Pareto front"]
+        assert bare
+    text = _text(at)
+    line = next(m for m in text.splitlines() if "best PPL" in m)
+    assert queries.WITHIN_NOISE in line and "bitdistiller" in line.split(queries.WITHIN_NOISE)[1]
+    assert "(3 seeds)" in line.split(queries.WITHIN_NOISE)[0]
+    assert "FP run's own uncertainty not included" in text
+    ranks = next(d.value for d in at.dataframe)
+    assert dict(zip(ranks["PPL rank"], ranks["PPL"], strict=True))[queries.WITHIN_NOISE] \
+        == "31.90 [31.20, 32.90]"
+    at.toggle(key="cmp_group").set_value(False).run()
+    _ok(at)
+    pareto = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert sum(len(t["text"]) for t in pareto["data"] if t.get("name") == "qat") == 3
+
+
+def test_detail_shows_interval_and_links_the_other_seeds(monkeypatch, noise_db):
+    from harness.store import Store
+
+    url, ids = noise_db
+    store = Store(url, readonly=True)
+    key = store.get_run(ids["qat1"]).run_key
+    at = _app(monkeypatch, url, page="detail", run=key)
+    _ok(at)
+    text = _text(at)
+    assert "**PPL** 31.60 [30.90, 32.50]" in text
+    others = [store.get_run(ids[n]).run_key for n in ("qat0", "qat2")]
+    assert f"[seed 0: {others[0]}](?page=detail&run={others[0]})" in text
+    assert f"seed 2: {others[1]}" in text and f"seed 1: {key}" not in text
