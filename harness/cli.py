@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "text, which reproduces its stored PPL; all of a --text file)")
     p.add_argument("--tasks", default=None)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples for the tasks (the papers' MMLU: 5)")
+    p.add_argument("--allow-code-eval", action="store_true",
+                   help="let humaneval execute model-generated code on this machine")
     p.add_argument("--device", default=None)
     _add_db(p)
 

@@ -381,7 +381,8 @@ def cmd_eval(args) -> int:
     from harness.export import evaluate_path, evaluate_stored_run
 
     opts = dict(text_file=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                tasks=args.tasks, limit=args.limit, device=args.device)
+                tasks=args.tasks, limit=args.limit, device=args.device,
+                num_fewshot=args.num_fewshot, allow_code_eval=args.allow_code_eval)
     if Path(args.run).exists():  # an exported model: no database involved
         result = evaluate_path(args.run, **opts)
     else:

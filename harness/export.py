@@ -178,7 +178,8 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
 
 def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int | None = None,
                         max_tokens: int | None = None, tasks: str | None = None,
-                        limit: int | None = None, device: str | None = None) -> dict:
+                        limit: int | None = None, device: str | None = None,
+                        num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
     """Perplexity (and optional tasks) of a stored run's model on a text file.
 
     Defaults are the run's own evaluation settings, so on the held-out text it reproduces the
@@ -187,19 +188,20 @@ def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int |
     from harness.devices import pick_device
     from harness.models import load_model
 
-    _check_eval_inputs(text_file, tasks, seq_len, max_tokens)
+    _check_eval_inputs(text_file, tasks, seq_len, max_tokens, allow_code_eval)
     dev = pick_device(device)
     if run.method == "fp":
         model, tok = load_model(run.model, device=dev)
     else:
         model, tok, _ = load_packed(_run_packed_path(store, run), device=dev, model_name=run.model)
     return _evaluate(model, tok, run.spec.get("eval") or {}, text_file, seq_len, max_tokens,
-                     tasks, limit)
+                     tasks, limit, num_fewshot, allow_code_eval)
 
 
 def evaluate_path(path: str | Path, text_file: str | None = None, seq_len: int | None = None,
                   max_tokens: int | None = None, tasks: str | None = None,
-                  limit: int | None = None, device: str | None = None) -> dict:
+                  limit: int | None = None, device: str | None = None,
+                  num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
     """:func:`evaluate_stored_run` for an exported model, no database needed: a packed file, a
     folder holding one (``harness export RUN DIR --packed``) or a dense Hugging Face export.
     A packed file's base model must be available locally; its run's evaluation settings are
@@ -216,17 +218,18 @@ def evaluate_path(path: str | Path, text_file: str | None = None, seq_len: int |
     else:
         raise HarnessError(f"{path} holds neither {PACKED_FILE} nor a Hugging Face config.json; "
                            f"pass a folder written by `harness export` or a packed file")
-    _check_eval_inputs(text_file, tasks, seq_len, max_tokens)
+    _check_eval_inputs(text_file, tasks, seq_len, max_tokens, allow_code_eval)
     dev = pick_device(device)
     if packed is None:
         model, tok = load_model(str(path), device=dev)
     else:
         model, tok, _ = load_packed(packed, device=dev)
-    return _evaluate(model, tok, eval_spec, text_file, seq_len, max_tokens, tasks, limit)
+    return _evaluate(model, tok, eval_spec, text_file, seq_len, max_tokens, tasks, limit,
+                     num_fewshot, allow_code_eval)
 
 
 def _check_eval_inputs(text_file: str | None, tasks: str | None, seq_len: int | None,
-                       max_tokens: int | None) -> None:
+                       max_tokens: int | None, allow_code_eval: bool = False) -> None:
     """Bad task names, windows or a missing text file fail before any model work."""
     for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens)):
         if value is not None and value <= 0:
@@ -234,13 +237,15 @@ def _check_eval_inputs(text_file: str | None, tasks: str | None, seq_len: int | 
     if tasks:
         from harness.errors import require_module
 
-        require_module("harness.eval.accuracy", "--tasks").check_task_names(tasks.split(","))
+        require_module("harness.eval.accuracy", "--tasks").check_task_names(
+            tasks.split(","), allow_code_eval=allow_code_eval)
     if text_file and not Path(text_file).is_file():
         raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
 
 
 def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | None,
-              max_tokens: int | None, tasks: str | None, limit: int | None) -> dict:
+              max_tokens: int | None, tasks: str | None, limit: int | None,
+              num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
     from harness import data
     from harness.eval.ppl import perplexity
 
@@ -263,5 +268,6 @@ def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | 
         evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
 
         out.update(evaluate_tasks(model, tok, tuple(t for t in tasks.split(",") if t), limit,
-                                  NullRecorder()))
+                                  NullRecorder(), num_fewshot=num_fewshot,
+                                  allow_code_eval=allow_code_eval))
     return out

@@ -191,3 +191,28 @@ def test_ppl_data_wikitext2_from_the_cache_and_one_error_line_without(cli, db_ur
     assert "ppl" not in m  # only the data asked for
     assert m["ppl_wikitext2_ci95_low"] < m["ppl_wikitext2"] < m["ppl_wikitext2_ci95_high"]
     assert m["ppl_wikitext2_tokens"] == 2048
+
+
+def test_humaneval_needs_allow_code_eval_in_run_and_eval(ladder_cli):
+    key = _runs(ladder_cli)[0]["run_key"]
+    for args in (["run", "--methods", "rtn", *QUICK, "--tasks", "humaneval"],
+                 ["eval", key, "--tasks", "humaneval"]):
+        code, _, err = ladder_cli(*args)
+        assert code == 2 and "--allow-code-eval" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_passes_num_fewshot_to_the_tasks(ladder_cli, monkeypatch):
+    import harness.eval.accuracy as accuracy
+
+    seen = {}
+
+    def fake(model, tok, tasks, limit, recorder, **kwargs):
+        seen.update(kwargs, tasks=tasks)
+        return {}
+
+    monkeypatch.setattr(accuracy, "evaluate_tasks", fake)
+    run = _run(_runs(ladder_cli), 3)
+    code, _, err = ladder_cli("eval", run["run_key"], "--tasks", "shakespeare_cloze",
+                              "--num-fewshot", "5")
+    assert code == 0, err
+    assert seen == {"tasks": ("shakespeare_cloze",), "num_fewshot": 5, "allow_code_eval": False}
