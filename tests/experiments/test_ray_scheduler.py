@@ -53,8 +53,10 @@ def test_smoke_experiment_through_ray_then_rerun_skips(tmp_path, ray_head):
     for r in runs:  # four runs executed concurrently, every one's metrics written by the driver
         assert r.status == "finished" and r.experiment_id is not None and r.wall_s > 0
         metrics = store.metric_dict(r.id)
-        assert {"ppl", "size_mb", "peak_rss_mb", "time_eval_s"} <= set(metrics)
+        assert {"ppl", "ppl_ci95_low", "size_mb", "peak_rss_mb", "time_eval_s"} <= set(metrics)
         assert r.device == "cpu"
+        # per-window NLLs cross the worker boundary too: the interval's and compare's input
+        assert len(store.series(r.id)[("nll", "ppl")]) == metrics["ppl_tokens"] // 128
     qat = next(r for r in runs if r.method == "qat")
     assert [s.step for s in store.train_steps(qat.id)] == [1, 2, 3, 4]
     assert "packed" in store.artifacts(qat.id)
