@@ -1,9 +1,10 @@
 """BitDistiller: clipping init + self-distillation from the FP model with CAKLD.
 
 Teacher: the frozen full-precision model. Data: its own continuations of corpus prompts
-(temperature 0.7). Loss: CAKLD = gamma*KL(S||T) + (1-gamma)*KL(T||S), gamma estimated once
-before training ("paper": mean teacher probability of the data tokens; "code": the reference
-repository's computation). Defaults follow the paper: 3-bit NF3 asym, 2-bit INT asym.
+(temperature 0.7, top-k 50). Loss: CAKLD = gamma*KL(S||T) + (1-gamma)*KL(T||S), gamma estimated
+once before training ("paper": mean teacher probability of the data tokens; "code": the reference
+repository's computation). Defaults follow the paper: 3-bit NF3 asym, 2-bit INT asym; training
+follows the reference code (``methods.qat.REFERENCE_TRAIN``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pydantic import Field
 
 from harness.models import no_cache
 from harness.registry import register_method
-from harness.train.config import TrainConfig
 from methods.qat import QAT, QATConfig, make_objective
 
 GAMMA_BATCHES = 11  # the reference code averages its estimate over 11 batches
@@ -25,13 +25,14 @@ class BitDistillerConfig(QATConfig):
     loss: str = "cakld"
     gamma: Literal["paper", "code"] | Annotated[float, Field(ge=0, le=1)] = Field(
         "paper", description="CAKLD mixing: paper, code, or a fixed value in [0, 1]")
-    train: TrainConfig = TrainConfig(lr=1e-5)
 
 
 @torch.no_grad()
 def estimate_gamma(variant: str, ctx, batch_size: int, data_kind: str = "teacher") -> float:
-    """gamma from the teacher's probabilities on the run's own training data (``data_kind``),
-    over its first ``GAMMA_BATCHES`` batches: the reference code's sample, for both variants."""
+    """gamma from the teacher's probabilities on the run's own training data (``data_kind``;
+    its training part: the held-out slice is not seen, as in the reference, which estimates on
+    its train split), over its first ``GAMMA_BATCHES`` batches: the reference code's sample,
+    for both variants."""
     from harness.train.losses import gamma_code, gamma_paper
 
     data = ctx.train_batches(data_kind)

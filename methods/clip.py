@@ -2,7 +2,8 @@
 
 For each decoder linear, calibration inputs X of that layer pick per output group the
 [min*(1-a), max*(1-b)] range minimising ||X W^T - X Q(clamp W)^T||^2; the latent weight is
-clamped once, then quantized as RTN does.
+clamped once, then quantized as RTN does. As in the reference, q_proj and k_proj are left
+unclipped unless ``skip_qk=false``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 class ClipConfig(WeightQuantConfig):
     clip: bool = Field(True, description="run the clipping search before quantizing")
-    skip_qk: bool = Field(False, description="leave q_proj/k_proj unclipped (reference code)")
+    skip_qk: bool = Field(True, description="leave q_proj/k_proj (every layer the reference's "
+                          "autoclip.py skips) at plain RTN; false clips every layer")
     calib_samples: int = Field(16, ge=1, description="calibration blocks (Julius Caesar)")
     calib_seq_len: int = Field(512, ge=8, description="tokens per calibration block")
     clip_tokens: int = Field(512, ge=16, description="tokens sampled per layer for the search")
@@ -69,7 +71,7 @@ def capture_inputs(model, names: list[str], batches: torch.Tensor, n_tokens: int
 
 def clip_model(model, config: ClipConfig, ctx) -> None:
     """Clamps every decoder linear's weight in place at its searched range; logs layer stats."""
-    from harness.quant.clip import clip_search
+    from harness.quant.clip import clip_search, reference_skips
     from harness.quant.modules import decoder_linear_names
 
     names = decoder_linear_names(model)
@@ -79,7 +81,7 @@ def clip_model(model, config: ClipConfig, ctx) -> None:
     for name in tqdm(names, desc="clip search", unit="layer", leave=False):
         layer, module = _split(name)
         linear = modules[name]
-        if config.skip_qk and module in ("q_proj", "k_proj"):
+        if config.skip_qk and reference_skips(module):
             continue
         res = clip_search(linear.weight.data, inputs[name].to(linear.weight.device), qformat,
                           n_grid=config.clip_grid, max_shrink=config.clip_max_shrink,

@@ -27,6 +27,9 @@ class OneBitConfig(MethodConfig):
     # lr 1e-3, not the paper's 4e-4 (its smallest model is 1.3B): on SmolLM2-135M (CPU, quick
     # profile) 1e-3 gave 13.6x lower PPL than 4e-4 after 40 steps, 1.3x after 160 and the same
     # after 300; 2e-3 spiked and ended worse (docs/RESULTS.md, "OneBit learning rate").
+    # Warm-up 4 steps, not the reference's 500 (scripts/llama2_7b.sh), which are ~1% of its
+    # ~51k steps: over the quick profile's 40 the lr would climb to 8% of its peak and never
+    # get there (docs/IMPLEMENTATION.md, "Deviations from the reference code").
     train: TrainConfig = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=4,
                                      betas=(0.9, 0.98), weight_decay=0.01)
 

@@ -14,6 +14,13 @@ from harness.train.config import TrainConfig
 from methods.base import Objective
 from methods.clip import Clip, ClipConfig
 
+#: BitDistiller's reference training (train/train.sh, config/zero.json): AdamW at 8e-6 constant
+#: (TrainConfig's defaults), a fifth of the data held out, the checkpoint with the lowest held-out
+#: loss kept (--eval_steps 4, --load_best_model_at_end). Embeddings stay frozen although the
+#: reference trains them: packed files do not store them (docs/IMPLEMENTATION.md, "Deviations
+#: from the reference code"). QAT shares it so that qat -> bitdistiller changes the loss alone.
+REFERENCE_TRAIN = TrainConfig(holdout=0.2, select_best=True)
+
 
 class QATConfig(ClipConfig):
     loss: str = Field("ce", description="ce, fkl, rkl, jsd, tlsd or cakld")
@@ -23,7 +30,7 @@ class QATConfig(ClipConfig):
     # the loss alone; corpus = the training plays, the evaluation's own domain
     data: Literal["corpus", "teacher"] = Field("teacher", description="teacher (continuations "
                                                "the FP model generates) or corpus")
-    train: TrainConfig = TrainConfig(lr=1e-5)
+    train: TrainConfig = REFERENCE_TRAIN
 
     @field_validator("loss")
     @classmethod

@@ -25,6 +25,16 @@ import torch
 from harness.errors import HarnessError
 from harness.quant.primitives import fake_quantize
 
+#: Name fragments of the layers the reference leaves unclipped (``auto_clip_block``: "due to qk
+#: bmm, it is hard to clip precisely"): q_proj and k_proj in llama-style models.
+REFERENCE_SKIPPED = ("q_", "k_", "query", "key", "Wqkv")
+
+
+def reference_skips(module_name: str) -> bool:
+    """Whether the reference's autoclip skips a layer, by its own name (``q_proj``, not the
+    qualified one: a block named e.g. ``block_sparse_moe`` would match ``k_`` otherwise)."""
+    return any(part in module_name for part in REFERENCE_SKIPPED)
+
 
 @dataclass(frozen=True)
 class ClipResult:

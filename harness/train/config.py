@@ -12,10 +12,13 @@ MAX_MICRO_BATCH_TOKENS = 1 << 24
 
 
 class TrainConfig(BaseModel):
-    """Optimiser, schedule and budget. Defaults for the budget come from the profile.
+    """Optimiser, schedule, budget, teacher sampling and checkpoint selection. Defaults for the
+    budget come from the profile.
 
     BitDistiller (LLaMA-2-7B): AdamW, lr 8e-6 constant, wd 0, grad clip 1.0, bf16.
     OneBit: Adam(0.9, 0.98), wd 0.01, cosine with warm-up, lr 4e-4 for small models.
+    Where the harness differs from the reference code: docs/IMPLEMENTATION.md, "Deviations from
+    the reference code".
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +39,35 @@ class TrainConfig(BaseModel):
     teacher_samples: int = Field(64, ge=1, description="teacher-generated sequences")
     teacher_new_tokens: int = Field(256, ge=1, description="tokens generated per sequence")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature")
+    teacher_top_k: int = Field(
+        50, ge=0, description="teacher sampling keeps the k most likely tokens (0 = all). 50: "
+        "the reference's Hugging Face path (GenerationConfig's default); its vLLM path keeps all")
+    teacher_top_p: float = Field(1.0, gt=0, le=1, description="teacher nucleus sampling mass "
+                                 "(1 = off, as in the reference)")
+    trainable: Literal["non_embedding", "all"] = Field(
+        "non_embedding", description="non_embedding: every parameter but the input embeddings "
+        "and lm_head; all: those too (BitDistiller's reference). Packed files do not store "
+        "embeddings, so only the run's own evaluation sees trained ones")
+    holdout: float = Field(0.0, ge=0, lt=1, description="fraction of the training data kept "
+                           "out of training (whole teacher samples; for corpus data as many "
+                           "extra corpus blocks) to compute a held-out loss on; never eval data")
+    eval_every: int | None = Field(
+        None, ge=1, description="held-out loss every N steps and after the last; unset: "
+        "steps // 10 (at least 1), i.e. 10 evaluations per run")
+    select_best: bool = Field(False, description="end with the weights of the step with the "
+                              "lowest held-out loss instead of the last (needs holdout > 0)")
+
+    @model_validator(mode="after")
+    def _selection_needs_holdout(self):
+        if self.select_best and not self.holdout:
+            raise ValueError("train.select_best needs a held-out slice: set train.holdout "
+                             "(e.g. 0.2, the reference's fifth) or train.select_best=false")
+        return self
+
+    @property
+    def holdout_every(self) -> int:
+        """Steps between held-out evaluations (:attr:`eval_every` resolved)."""
+        return self.eval_every or max(1, self.steps // 10)
 
     @model_validator(mode="after")
     def _micro_batch_fits_somewhere(self):

@@ -1,9 +1,10 @@
 """Teacher-generated training data (BitDistiller, OneBit): the FP model continues prompts.
 
 Prompts are short random spans of the training plays (the paper uses the first 128 characters
-of wikitext-2 train documents plus alpaca instructions). Continuations are sampled at
-temperature 0.7, batched, with a progress bar, and cached on disk keyed by the model, the
-prompts and the sampling parameters, so a sweep generates them once.
+of wikitext-2 train documents plus alpaca instructions). Continuations are sampled as the
+reference's Hugging Face path samples them (temperature 0.7, top-k 50, top-p 1), batched, with a
+progress bar, and cached on disk keyed by the model, the prompts and the sampling parameters, so
+a sweep generates them once.
 """
 
 from __future__ import annotations
@@ -40,11 +41,29 @@ def make_prompts(tokenizer, n: int, seed: int, prompt_tokens: int = PROMPT_TOKEN
     return torch.stack([ids[s + 1 : s + 1 + prompt_tokens] for s in picked])
 
 
+#: How caches written before top-k/top-p were settings were sampled: at these values the two
+#: are left out of the key, so those files serve the settings they were made with, and only those.
+SAMPLING_BEFORE_TOP_K = {"top_k": 0, "top_p": 1.0}
+
+
+def sampling_defaults() -> dict[str, float]:
+    """``{temperature, top_k, top_p}`` a run samples with unless its train settings say else."""
+    from harness.train.config import TrainConfig
+
+    fields = TrainConfig.model_fields
+    return {"temperature": fields["temperature"].default,
+            "top_k": fields["teacher_top_k"].default, "top_p": fields["teacher_top_p"].default}
+
+
 def cache_key(model_name: str, prompts: torch.Tensor, new_tokens: int, temperature: float,
-              seed: int) -> str:
+              seed: int, top_k: int, top_p: float) -> str:
+    fields = {"model": model_name, "new_tokens": new_tokens, "temperature": temperature,
+              "seed": seed}
+    sampling = {"top_k": top_k, "top_p": float(top_p)}
+    if sampling != SAMPLING_BEFORE_TOP_K:
+        fields.update(sampling)
     h = hashlib.sha256()
-    h.update(json.dumps({"model": model_name, "new_tokens": new_tokens,
-                         "temperature": temperature, "seed": seed}, sort_keys=True).encode())
+    h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(prompts.numpy().tobytes())
     return h.hexdigest()[:20]
 
@@ -55,14 +74,15 @@ def _cache_path(key: str) -> Path:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float,
-             seed: int, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+             seed: int, top_k: int, top_p: float, batch_size: int = 16,
+             progress: bool = True) -> torch.Tensor:
     """Samples continuations; returns ``[n, prompt + new_tokens]``.
 
     End-of-sequence is suppressed until ``new_tokens`` (``min_new_tokens``): training takes
     fixed-length blocks, so a sample goes on where the teacher would have stopped instead of
-    being padded (the reference generates up to 1024 tokens and stops at EOS). Sampling is pure
-    temperature 0.7 over the whole vocabulary, as METHODS.md states; the reference's Hugging
-    Face defaults also truncate to the 50 most likely tokens (top_k=50), which this does not.
+    being padded (the reference generates up to 1024 tokens and stops at EOS). ``top_k`` and
+    ``top_p`` are passed explicitly (0 = no top-k): a model's own generation_config would
+    otherwise fill in whatever its authors chose.
     """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -76,7 +96,7 @@ def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperatu
     for i in batches:
         x = prompts[i : i + batch_size].to(device)
         y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
-                           temperature=temperature, top_k=0, top_p=1.0,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            pad_token_id=eos)
         out.append(y.cpu())
@@ -84,8 +104,10 @@ def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperatu
 
 
 def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tokens: int,
-                      temperature: float = 0.7, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Cached teacher continuations for ``model_name``; generated on first use.
+                      temperature: float | None = None, seed: int = 0, progress: bool = True, *,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Cached teacher continuations for ``model_name``; generated on first use. Sampling
+    settings left ``None`` take the training defaults (:func:`sampling_defaults`).
 
     Raises:
         HarnessError: the cache file was written for another model.
@@ -93,8 +115,11 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling = {k: v if given[k] is None else given[k] for k, v in sampling_defaults().items()}
+    temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
     prompts = make_prompts(tokenizer, samples, seed)
-    key = cache_key(model_name, prompts, new_tokens, temperature, seed)
+    key = cache_key(model_name, prompts, new_tokens, temperature, seed, top_k, top_p)
     path = _cache_path(key)
     if path.exists():
         with safe_open(str(path), framework="pt") as f:
@@ -103,12 +128,13 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
                 raise HarnessError(f"teacher cache {path} was written by model "
                                    f"{meta.get('model')!r}, not {model_name!r}; delete it")
             return f.get_tensor("sequences")
-    seqs = generate(teacher(), tokenizer, prompts, new_tokens, temperature, seed,
+    seqs = generate(teacher(), tokenizer, prompts, new_tokens, temperature, seed, top_k, top_p,
                     progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"sequences": seqs.contiguous()}, str(tmp),
               metadata={"model": model_name, "temperature": str(temperature),
+                        "top_k": str(top_k), "top_p": str(top_p),
                         "new_tokens": str(new_tokens), "seed": str(seed)})
     tmp.replace(path)
     return seqs
@@ -126,8 +152,10 @@ def generate_cli(args) -> int:
     samples = prof.teacher_samples if args.samples is None else args.samples
     new_tokens = prof.teacher_new_tokens if args.new_tokens is None else args.new_tokens
     model, tok = load_model(args.model, device=pick_device(args.device))
+    # the CLI has no top-k/top-p flags: it makes the data a run with default settings reads
     seqs = teacher_sequences(args.model, lambda: model, tok, samples, new_tokens,
                              args.temperature, args.seed)
+    top_k = sampling_defaults()["top_k"]
     print(f"teacher data: {seqs.size(0)} sequences x {seqs.size(1)} tokens "
-          f"(model {args.model}, temperature {args.temperature})")
+          f"(model {args.model}, temperature {args.temperature}, top-k {top_k or 'off'})")
     return 0

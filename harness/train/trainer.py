@@ -1,8 +1,9 @@
-"""The shared training loop: AdamW, schedules, accumulation, clipping, checkpoints, resume.
+"""The shared training loop: AdamW, schedules, accumulation, clipping, checkpoints, resume,
+held-out evaluation and best-step selection.
 
 Methods only supply an :class:`~methods.base.Objective`; the loop is the same for QAT,
-BitDistiller and OneBit. Checkpoints are safetensors (trainable parameters) plus the optimizer
-state loaded with ``torch.load(weights_only=True)``.
+BitDistiller and OneBit. Checkpoints are safetensors (trainable parameters, and the best step's
+when selecting) plus the optimizer state loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from methods.base import Objective, ObjectiveInputs, RunContext
 log = logging.getLogger(__name__)
 
 
-def freeze_embeddings(model: nn.Module) -> None:
-    """Embeddings and lm_head stay full precision and frozen (all papers)."""
+def set_embeddings_trainable(model: nn.Module, trainable: str) -> None:
+    """``train.trainable``: the input embeddings and lm_head train with ``"all"`` only (one
+    tensor when tied, as in SmolLM2); every other parameter keeps what ``prepare`` gave it."""
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is not None:
             for p in module.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(trainable == "all")
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -89,7 +91,8 @@ def lr_lambda(cfg: TrainConfig):
 
 class Checkpointer:
     """Saves/loads trainable parameters + optimizer + scheduler + step in ``run_dir/checkpoint``,
-    and the seconds spent in training steps so far (``train_s``, summed over resumes)."""
+    the seconds spent in training steps so far (``train_s``, summed over resumes) and the
+    held-out selection's state (its curve, and the best step's weights when selecting)."""
 
     def __init__(self, run_dir: Path, spec_hash: str | None = None) -> None:
         self.dir = Path(run_dir) / "checkpoint"
@@ -101,7 +104,7 @@ class Checkpointer:
         return (self.dir / "state.json").exists()
 
     def save(self, step: int, model, opt, sched, train_s: float = 0.0,
-             loss: float | None = None) -> None:
+             loss: float | None = None, selection: _Selection | None = None) -> None:
         from safetensors.torch import save_file
 
         tmp = self.dir.with_name("checkpoint.tmp")
@@ -111,6 +114,10 @@ class Checkpointer:
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                    tmp / "optim.pt")
         state = {"step": step, "train_s": train_s, "loss": loss}
+        if selection is not None:
+            state["selection"] = selection.state()
+            if selection.best_params:
+                save_file(selection.best_params, str(tmp / "best.safetensors"))
         if self.spec_hash:
             state["spec_hash"] = self.spec_hash
         (tmp / "state.json").write_text(json.dumps(state))
@@ -120,7 +127,7 @@ class Checkpointer:
             shutil.rmtree(self.dir)
         tmp.rename(self.dir)  # atomic swap: a crash mid-save leaves the previous checkpoint
 
-    def load(self, model, opt, sched) -> int:
+    def load(self, model, opt, sched, selection: _Selection | None = None) -> int:
         from safetensors.torch import load_file
 
         try:
@@ -141,6 +148,10 @@ class Checkpointer:
             state = torch.load(self.dir / "optim.pt", weights_only=True, map_location="cpu")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if selection is not None and "selection" in meta:
+                best = self.dir / "best.safetensors"
+                selection.load(meta["selection"],
+                               load_file(str(best)) if best.exists() else {})
             self.train_s = train_s
             self.loss = meta.get("loss")  # absent before 2026-11-27
         except Exception as exc:
@@ -191,6 +202,101 @@ def _batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> to
 def _forward(model, ids, hidden: bool):
     out = model(input_ids=ids, output_hidden_states=hidden, **no_cache(model))
     return out.logits[:, :-1], (out.hidden_states if hidden else None)
+
+
+def _batch_loss(model, teacher, objective: Objective, ids: torch.Tensor, amp) -> torch.Tensor:
+    """The objective on one batch (student forward, teacher forward without gradients)."""
+    with amp:
+        logits, hidden = _forward(model, ids, objective.needs_hidden_states)
+        t_logits = t_hidden = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
+        return objective.loss(ObjectiveInputs(
+            student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
+            student_hidden=hidden, teacher_hidden=t_hidden))
+
+
+@torch.no_grad()
+def holdout_loss(model, teacher, objective: Objective, held: torch.Tensor, batch_size: int,
+                 device, amp) -> float:
+    """The training objective over the held-out blocks, in eval mode: the mean of the batches'
+    losses weighted by their sequences (the reference's Trainer.evaluate ``eval_loss``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), device=device)
+        for lo in range(0, held.size(0), batch_size):
+            ids = _to_device(held[lo : lo + batch_size], device)
+            total += _batch_loss(model, teacher, objective, ids, amp).float() * ids.size(0)
+        return float(total) / held.size(0)
+    finally:
+        model.train(was_training)
+
+
+class _Selection:
+    """Held-out loss every ``cfg.holdout_every`` steps and after the last; with
+    ``cfg.select_best`` a host copy of the trainable weights of the step with the lowest loss
+    (strictly lower: ties keep the earlier step, as the reference's Trainer), restored by
+    :meth:`restore` when training ends."""
+
+    def __init__(self, cfg: TrainConfig, held: torch.Tensor) -> None:
+        self.cfg, self.held = cfg, held
+        self.curve: list[tuple[int, float]] = []  # (step, held-out loss)
+        self.best_step: int | None = None
+        self.best_loss = math.inf
+        self.best_params: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.holdout_every == 0 or step == self.cfg.steps
+
+    def evaluate(self, step: int, model, teacher, objective: Objective, device, amp) -> None:
+        t0 = time.perf_counter()
+        loss = holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size, device, amp)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"held-out loss is {loss} at step {step}; lower the learning rate "
+                f"(train.lr={self.cfg.lr}) or check the data, then rerun")
+        self.curve.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            if self.cfg.select_best:
+                self.best_params = {n: p.detach().to("cpu", copy=True).contiguous()
+                                    for n, p in trainable_parameters(model)}
+        self.seconds += time.perf_counter() - t0
+        log.info("step %d: held-out loss %.4f (best %.4f at step %d)", step, loss,
+                 self.best_loss, self.best_step)
+
+    def restore(self, model) -> None:
+        if not (self.cfg.select_best and self.best_params):
+            return
+        named = dict(trainable_parameters(model))
+        with torch.no_grad():
+            for n, t in self.best_params.items():
+                named[n].copy_(t.to(named[n].device))
+
+    def record(self, recorder) -> None:
+        if not self.curve:
+            return
+        recorder.metric("holdout_loss", self.best_loss, step=self.best_step,
+                        curve=[[s, v] for s, v in self.curve],
+                        selected=self.cfg.select_best)
+        recorder.metric("holdout_loss_last", self.curve[-1][1], step=self.curve[-1][0])
+        recorder.metric("best_step", self.best_step)
+        recorder.metric("holdout_blocks", self.held.size(0))
+        recorder.metric("holdout_eval_s_total", self.seconds)
+
+    def state(self) -> dict:
+        return {"curve": self.curve, "best_step": self.best_step,
+                "best_loss": self.best_loss if self.curve else None, "seconds": self.seconds}
+
+    def load(self, state: dict, best_params: dict[str, torch.Tensor]) -> None:
+        self.curve = [(int(s), float(v)) for s, v in state["curve"]]
+        self.best_step = state["best_step"]
+        self.best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
+        self.seconds = float(state.get("seconds", 0.0))
+        self.best_params = best_params
 
 
 def _batched_weights(model: nn.Module, device: torch.device) -> list:
@@ -275,15 +381,7 @@ def _optimizer_step(model, teacher, objective: Objective, opt, params, data, ste
     total = None
     for micro in range(cfg.grad_accum):
         ids = _to_device(_batch_at(data, step, micro, cfg), device)
-        with amp:
-            logits, hidden = _forward(model, ids, objective.needs_hidden_states)
-            t_logits = t_hidden = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits, t_hidden = _forward(teacher, ids, objective.needs_hidden_states)
-            loss = objective.loss(ObjectiveInputs(
-                student_logits=logits, labels=ids[:, 1:], teacher_logits=t_logits,
-                student_hidden=hidden, teacher_hidden=t_hidden))
+        loss = _batch_loss(model, teacher, objective, ids, amp)
         (loss / cfg.grad_accum).backward()
         part = loss.detach().float() / cfg.grad_accum
         total = part if total is None else total + part
@@ -334,28 +432,44 @@ class _PendingLoss:
 def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
           progress: bool = True) -> dict:
     """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
+    With ``cfg.holdout`` the objective is also computed on the held-out slice of the data
+    (:class:`_Selection`); with ``cfg.select_best`` the model ends with the weights of the step
+    where it was lowest.
 
     Returns:
-        ``{"final_loss": ..., "steps": ..., "resumed_from": ...}``.
+        ``{"final_loss": ..., "steps": ..., "resumed_from": ..., "best_step": ...}``
+        (``best_step`` None without a held-out slice).
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (the run is marked failed).
     """
+    from harness.train.data import holdout_source
+
     device = ctx.device
     compile_options()  # a bad HARNESS_COMPILE fails the run before any work
-    freeze_embeddings(model)
+    set_embeddings_trainable(model, cfg.trainable)
+    if cfg.trainable == "all":
+        # harness/export.py leaves embeddings and lm_head out of the packed file and checks
+        # the base model by its embedding: the run's own metrics are of the trained model,
+        # a later `harness eval`/`export` of it refuses the file
+        log.warning("train.trainable=all: the packed file does not store the trained "
+                    "embeddings/lm_head; this run's metrics are right, but `harness eval` and "
+                    "`harness export` of it will refuse its packed file")
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise HarnessError("nothing to train: every parameter is frozen")
     check_micro_batch_memory(model, cfg, device, objective.needs_teacher)
     data = ctx.train_batches(objective.data)
+    selection = None
+    if cfg.holdout:
+        selection = _Selection(cfg, ctx.train_batches(holdout_source(objective.data)))
     teacher = ctx.teacher() if objective.needs_teacher else None
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt = Checkpointer(ctx.run_dir, ctx.spec.spec_hash() if hasattr(ctx.spec, "spec_hash")
                         else None)
-    start = ckpt.load(model, opt, sched) if ckpt.exists() else 0
+    start = ckpt.load(model, opt, sched, selection) if ckpt.exists() else 0
     if hasattr(ctx.recorder, "resume_from"):
         # steps logged after the checkpoint (or, from 0, by an attempt killed before its first
         # checkpoint) are redone: drop their rows so the curve is this training's alone
@@ -390,10 +504,13 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
                 train_s += seconds
                 tps = tokens_per_step / max(seconds, 1e-9)
                 pending.replace(step + 1, loss, lr, tps)
+                if selection is not None and selection.due(step + 1):
+                    pending.settle()  # a NaN step fails as such, not as a held-out NaN
+                    selection.evaluate(step + 1, model, teacher, objective, device, amp)
                 stop = stop_requested()
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
                     pending.settle()
-                    ckpt.save(step + 1, model, opt, sched, train_s, pending.value)
+                    ckpt.save(step + 1, model, opt, sched, train_s, pending.value, selection)
                 if bar is not None:
                     shown = {"loss": f"{pending.value:.4f}"} if step > start else {}
                     bar.set_postfix(**shown, tok_s=f"{tps:.0f}")  # loss: the step before
@@ -416,4 +533,10 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     if loss_value is not None:
         ctx.recorder.metric("final_train_loss", loss_value)
     ctx.recorder.metric("train_steps_s_total", train_s)
-    return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start}
+    best_step = None
+    if selection is not None:
+        selection.restore(model)
+        selection.record(ctx.recorder)
+        best_step = selection.best_step
+    return {"final_loss": loss_value, "steps": cfg.steps, "resumed_from": start,
+            "best_step": best_step}

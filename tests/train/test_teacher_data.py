@@ -33,7 +33,7 @@ def test_cache_of_another_model_is_refused(tiny):
 
     model, tok = tiny
     prompts = td.make_prompts(tok, 2, 12)
-    key = td.cache_key("tiny-llama", prompts, 4, 0.7, 12)
+    key = td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 50, 1.0)
     path = td._cache_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"sequences": torch.zeros(2, 36, dtype=torch.long)}, str(path),
@@ -47,3 +47,69 @@ def test_gen_data_cli(cli):
                          "--new-tokens", "4", "--seed", "13")
     assert code == 0, err
     assert "2 sequences x 36 tokens" in out
+
+
+class _Spy:
+    """The tiny model behind a ``generate`` that records its keyword arguments."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.model.generate(**kwargs)
+
+
+def test_generation_samples_like_the_reference_hf_path(tiny):
+    """BitDistiller's data/generation/generate.py: GenerationConfig(temperature=0.7,
+    do_sample=True, top_p=1.0), whose top_k default is 50."""
+    model, tok = tiny
+    spy = _Spy(model)
+    td.teacher_sequences("tiny-llama", lambda: spy, tok, 2, 3, seed=5, progress=False)
+    [call] = spy.calls
+    assert call["top_k"] == 50 and call["top_p"] == 1.0 and call["temperature"] == 0.7
+    assert call["do_sample"] is True and call["max_new_tokens"] == 3
+    spy.calls.clear()
+    td.teacher_sequences("tiny-llama", lambda: spy, tok, 2, 3, seed=5, progress=False,
+                         top_k=0, top_p=0.9)
+    assert spy.calls[0]["top_k"] == 0 and spy.calls[0]["top_p"] == 0.9
+
+
+def test_cache_key_covers_the_sampling_settings(tiny):
+    _, tok = tiny
+    prompts = td.make_prompts(tok, 2, 12)
+    keys = {td.cache_key("tiny-llama", prompts, 4, t, 12, k, p)
+            for t, k, p in [(0.7, 50, 1.0), (0.7, 0, 1.0), (0.7, 40, 1.0), (0.7, 50, 0.9),
+                            (1.0, 50, 1.0)]}
+    assert len(keys) == 5
+    # files written before top-k/top-p were settings were sampled with top_k=0, top_p=1: their
+    # key (the earlier formula) serves exactly those settings, never the new default
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"model": "tiny-llama", "new_tokens": 4, "temperature": 0.7,
+                                   "seed": 12}, sort_keys=True).encode())
+    h.update(prompts.numpy().tobytes())
+    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0) == h.hexdigest()[:20]
+    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 50, 1.0) != h.hexdigest()[:20]
+
+
+def test_other_sampling_settings_generate_again(tiny):
+    model, tok = tiny
+    spy = _Spy(model)
+    kw = dict(samples=2, new_tokens=3, seed=6, progress=False)
+    default = td.teacher_sequences("tiny-llama", lambda: spy, tok, **kw)
+    td.teacher_sequences("tiny-llama", lambda: spy, tok, **kw, top_k=50)  # the same settings
+    assert len(spy.calls) == 1
+    td.teacher_sequences("tiny-llama", lambda: spy, tok, **kw, top_k=0)
+    assert len(spy.calls) == 2 and spy.calls[1]["top_k"] == 0
+    files = sorted((td.cache_dir() / "teacher").glob("*.safetensors"))
+    assert len(files) == 2
+    from safetensors import safe_open
+
+    with safe_open(str(td._cache_path(td.cache_key("tiny-llama", default[:, :td.PROMPT_TOKENS],
+                                                   3, 0.7, 6, 50, 1.0))), "pt") as f:
+        assert f.metadata()["top_k"] == "50" and f.metadata()["top_p"] == "1.0"
