@@ -103,7 +103,7 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
 
 
 def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temperature: float,
-                 device: str | None) -> str | None:
+                 top_k: int, top_p: float, device: str | None) -> str | None:
     """Generates (or finds cached) teacher continuations; returns an error line or ``None``.
 
     Never raises: a failure here is reported by the dependent runs, which retry generation and
@@ -118,15 +118,15 @@ def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temp
         # the model is simply dropped).
         teacher, tokenizer = load_model(model, device=pick_device(device))
         teacher_sequences(model_key, lambda: teacher.eval(), tokenizer, samples, new_tokens,
-                          temperature, seed=0, progress=False)
+                          temperature, seed=0, progress=False, top_k=top_k, top_p=top_p)
         return None
     except Exception as exc:
         return describe_error(exc)
 
 
 def teacher_key(spec: RunSpec) -> tuple | None:
-    """``(model, model_key, samples, new_tokens, temperature)`` of the teacher data ``spec``
-    reads, or None.
+    """``(model, model_key, samples, new_tokens, temperature, top_k, top_p)`` of the teacher
+    data ``spec`` reads (the arguments of :func:`teacher_task` before the device), or None.
 
     Mirrors :func:`harness.train.data.training_blocks`: training methods whose data is the
     teacher's continuations, and CAKLD (its gamma is estimated on teacher data).
@@ -137,8 +137,11 @@ def teacher_key(spec: RunSpec) -> tuple | None:
         return None
     if cfg.get("data") != "teacher" and cfg.get("loss") != "cakld":
         return None
-    return (spec.model, spec.model_key, int(train.get("teacher_samples", 64)),
-            int(train.get("teacher_new_tokens", 256)), float(train.get("temperature", 0.7)))
+    from harness.train.config import TrainConfig
+
+    cfg = TrainConfig(**train)  # the run's own defaults for what its settings leave out
+    return (spec.model, spec.model_key, cfg.teacher_samples, cfg.teacher_new_tokens,
+            cfg.temperature, cfg.teacher_top_k, cfg.teacher_top_p)
 
 
 # --- driver side -----------------------------------------------------------------------------

@@ -32,8 +32,15 @@ def test_teacher_key_matches_training_blocks():
     from harness.ray_scheduler import teacher_key
 
     specs = {s.method: s for s in load_experiment(ROOT / "experiments/smollm2-default.yaml").specs}
-    assert teacher_key(specs["bitdistiller"]) == ("smollm2-135m", "smollm2-135m", 64, 256, 0.7)
+    assert teacher_key(specs["bitdistiller"]) == ("smollm2-135m", "smollm2-135m", 64, 256, 0.7,
+                                                  50, 1.0)
     assert teacher_key(specs["onebit"]) == teacher_key(specs["bitdistiller"])
+    # the sampling settings the run reads its data with, not the defaults: Ray generates the
+    # data set the run will find in the cache
+    bd = specs["bitdistiller"]
+    vllm_like = bd.model_copy(update={"config": {**bd.config, "train": {
+        **bd.config["train"], "teacher_top_k": 0}}})
+    assert teacher_key(vllm_like)[5:] == (0, 1.0)
     rtn = load_experiment(ROOT / "experiments/smoke.yaml").specs[0]
     assert teacher_key(rtn) is None
 
