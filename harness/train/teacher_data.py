@@ -55,13 +55,23 @@ def sampling_defaults() -> dict[str, float]:
             "top_k": fields["teacher_top_k"].default, "top_p": fields["teacher_top_p"].default}
 
 
+#: Prompts sampled per ``generate`` call. The random stream is drawn per batch, so the batch size
+#: is part of what a cache file holds; 64 samples 1.75x the tokens/s of 16 on the 2-core CPU
+#: (SmolLM2, 32 new tokens: 177 vs 101 tokens/s) and fills a GPU better.
+GENERATE_BATCH = 64
+#: the batch every cache file was generated with before GENERATE_BATCH (left out of their keys)
+BATCH_BEFORE = 16
+
+
 def cache_key(model_name: str, prompts: torch.Tensor, new_tokens: int, temperature: float,
-              seed: int, top_k: int, top_p: float) -> str:
+              seed: int, top_k: int, top_p: float, batch_size: int = GENERATE_BATCH) -> str:
     fields = {"model": model_name, "new_tokens": new_tokens, "temperature": temperature,
               "seed": seed}
     sampling = {"top_k": top_k, "top_p": float(top_p)}
     if sampling != SAMPLING_BEFORE_TOP_K:
         fields.update(sampling)
+    if batch_size != BATCH_BEFORE:
+        fields["batch"] = batch_size
     h = hashlib.sha256()
     h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(prompts.numpy().tobytes())
@@ -74,7 +84,7 @@ def _cache_path(key: str) -> Path:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float,
-             seed: int, top_k: int, top_p: float, batch_size: int = 16,
+             seed: int, top_k: int, top_p: float, batch_size: int = GENERATE_BATCH,
              progress: bool = True) -> torch.Tensor:
     """Samples continuations; returns ``[n, prompt + new_tokens]``.
 

@@ -93,8 +93,21 @@ def test_cache_key_covers_the_sampling_settings(tiny):
     h = hashlib.sha256(json.dumps({"model": "tiny-llama", "new_tokens": 4, "temperature": 0.7,
                                    "seed": 12}, sort_keys=True).encode())
     h.update(prompts.numpy().tobytes())
-    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0) == h.hexdigest()[:20]
-    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 50, 1.0) != h.hexdigest()[:20]
+    old = h.hexdigest()[:20]
+    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0, batch_size=16) == old
+    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 50, 1.0, batch_size=16) != old
+    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0) != old  # batch 64 now
+
+
+def test_the_batch_size_changes_the_samples_so_it_is_in_the_key(tiny):
+    model, tok = tiny
+    prompts = td.make_prompts(tok, 4, 12)
+    by2 = td.generate(model, tok, prompts, 6, 0.7, 12, 50, 1.0, batch_size=2, progress=False)
+    by4 = td.generate(model, tok, prompts, 6, 0.7, 12, 50, 1.0, batch_size=4, progress=False)
+    assert not torch.equal(by2, by4)  # one random stream per call, drawn batch by batch
+    keys = {td.cache_key("tiny-llama", prompts, 6, 0.7, 12, 50, 1.0, batch_size=b)
+            for b in (2, 4)}
+    assert len(keys) == 2
 
 
 def test_other_sampling_settings_generate_again(tiny):
