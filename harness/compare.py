@@ -68,26 +68,24 @@ def compare_runs(store, ref_a: str, ref_b: str) -> dict[str, Any]:
     out: dict[str, Any] = {"a": _brief(run_a), "b": _brief(run_b), "ppl": [], "accuracy": [],
                            "skipped": []}
     for (name, task) in sorted(set(sa) & set(sb)):
-        if name == "nll":
-            why = _same_windows(run_a, run_b, task)
-            if why is None and len(sa[name, task]) != len(sb[name, task]):
-                why = f"{len(sa[name, task])} vs {len(sb[name, task])} windows"
-            if why:
-                out["skipped"].append(f"{task}: {why}")
-                continue
-            res = paired_ppl(sa[name, task], sb[name, task])
+        if name not in ("nll", "correct"):
+            continue
+        a, b = sa[name, task], sb[name, task]
+        unit = "windows" if name == "nll" else "examples"
+        why = (_same_windows(run_a, run_b, task) if name == "nll"
+               else _same_examples(run_a, run_b))
+        if why is None and len(a) != len(b):
+            why = f"{len(a)} vs {len(b)} {unit}"
+        if why:
+            out["skipped"].append(f"{task}: {why}")
+        elif name == "nll":
+            res = paired_ppl(a, b)
             out["ppl"].append(dict(metric=task, ppl_a=ma.get(task), ppl_b=mb.get(task),
                                    ratio=res.ratio, ci95_low=res.low, ci95_high=res.high,
                                    p_value=res.p_value, significant=res.significant,
                                    windows=res.windows))
-        elif name == "correct":
-            why = _same_examples(run_a, run_b)
-            if why is None and len(sa[name, task]) != len(sb[name, task]):
-                why = f"{len(sa[name, task])} vs {len(sb[name, task])} examples"
-            if why:
-                out["skipped"].append(f"{task}: {why}")
-                continue
-            res = mcnemar(sa[name, task], sb[name, task])
+        else:
+            res = mcnemar(a, b)
             out["accuracy"].append(dict(task=task, acc_a=res.acc_a, acc_b=res.acc_b,
                                         only_a=res.only_a, only_b=res.only_b, n=res.n,
                                         p_value=res.p_value, significant=res.significant))

@@ -165,7 +165,8 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     ctx = build_context(spec, model, tokenizer, recorder, run_dir, dev)
     with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
-    objective = method.objective(ctx)
+    with _Timer(recorder, "objective", peaks):  # teacher data and CAKLD's gamma come here
+        objective = method.objective(ctx)
     if objective is not None:
         for name, value in objective.metrics.items():
             recorder.metric(name, value)

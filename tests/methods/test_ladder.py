@@ -44,7 +44,7 @@ def test_bitdistiller_trains_on_teacher_data_and_stores_gamma(store, tmp_path):
     m = store.metric_dict(out.run_id)
     assert 0 < m["cakld_gamma"] < 1
     # memory per stage; a GPU peak only where there is a GPU (not "0 MB" on a CPU)
-    stages = ("load", "prepare", "train", "finalize", "eval")
+    stages = ("load", "prepare", "objective", "train", "finalize", "eval")
     assert all(m[f"peak_rss_mb_{s}"] > 0 for s in stages) and m["peak_rss_mb"] > 0
     assert ("peak_gpu_mb" in m) == torch.cuda.is_available()
     assert all((f"peak_gpu_mb_{s}" in m) == torch.cuda.is_available() for s in stages)
