@@ -51,7 +51,10 @@ RANK_NOTE = ("Rank: among quantized runs of one model and evaluation protocol (P
              f"and token cap; accuracy: tasks, limit, shots). \"{queries.WITHIN_NOISE}\": its "
              "interval overlaps the best one's, so the order between them is not resolved; a "
              "seed group's interval is its mean ± the wider of the std across seeds and its "
-             "runs' mean 95% interval. A run stored without an interval keeps a strict rank.")
+             "runs' mean 95% interval. A run stored without an interval keeps a strict rank. "
+             "Overlapping unpaired intervals are a conservative rule: two runs scored on the "
+             "same windows can still differ significantly when paired, which `harness compare "
+             "RUN_A RUN_B` tests.")
 WHISKERS_NOTE = ("Whiskers: 95% intervals (PPL: bootstrap over the evaluation windows; "
                  "accuracy: ± 1.96 × lm-eval's standard error; PPL/FP: the run's PPL interval "
                  "over the FP run's PPL, the FP run's own uncertainty not included). A seed "
