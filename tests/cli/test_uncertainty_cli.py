@@ -8,7 +8,6 @@ import json
 import pytest
 
 from tests.cli.test_cli import QUICK
-from tests.eval.test_ppl_data import hf  # noqa: F401  (offline Hugging Face caches)
 
 NO_TASKS = ["--tasks", ""]
 

@@ -47,27 +47,6 @@ def _one_line_error(call, *args) -> str:
 
 
 @pytest.fixture
-def hf(tmp_path, monkeypatch):
-    """Empty, offline Hugging Face caches under tmp_path; yields (datasets cache, hub cache)."""
-    import datasets
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    cache, hub = home / "datasets", home / "hub"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    # Both libraries read these at import, which happened before the test.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / "downloads")
-    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / "downloads" / "extracted")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(ppl_data, "_IDS", {})
-    return cache, hub
-
-
-@pytest.fixture
 def tok(tiny):
     return tiny[1]
 
