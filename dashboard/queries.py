@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness.errors import HarnessError
-from harness.report import ppl_protocol
+from harness.report import ppl_protocol, replicate_key
+from harness.stats import intervals_overlap
 from harness.store import Artifact, LayerStat, Metric, Run, Store, TrainStep
 
 RUN_COLUMNS = ["id", "run_key", "label", "model", "method", "fmt", "bits", "group_size",
@@ -132,16 +133,6 @@ def _runs(store: Store) -> pd.DataFrame:
     df["acc_protocol"] = pd.Series([accuracy_protocol(r.model, r.spec) for r in rows],
                                    index=df.index, dtype=object)
     return df
-
-
-def replicate_key(spec: dict | None) -> str | None:
-    """The spec without its seed (model and method are in it): runs with the same key are
-    replicates of one experiment. None for a run stored without a spec, which is never grouped
-    with another (nothing says it is the same experiment)."""
-    if not spec:
-        return None
-    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True,
-                      default=str)
 
 
 def accuracy_protocol(model: str, spec: dict | None) -> str:
@@ -410,11 +401,10 @@ def within_noise(best: tuple[float, float], other: tuple[float, float]) -> bool:
     """Whether ``other``'s interval overlaps ``best``'s: their difference is within the
     evaluation's noise. An unknown (NaN) bound on either side is never within noise: a run
     without an interval keeps its strict rank rather than being waved through."""
-    lo_b, hi_b = best
-    lo_o, hi_o = other
-    if any(not np.isfinite(x) for x in (lo_b, hi_b, lo_o, hi_o)):
-        return False
-    return bool(lo_o <= hi_b and lo_b <= hi_o)
+    def known(interval):
+        return tuple(interval) if all(np.isfinite(x) for x in interval) else None
+
+    return intervals_overlap(known(best), known(other))
 
 
 def noise_ranks(values: Sequence[float], lows: Sequence[float], highs: Sequence[float],

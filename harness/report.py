@@ -97,19 +97,22 @@ def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
 
 # --- replicates: runs of one spec that differ only in the seed -------------------------------
 
-def replicate_key(entry: dict) -> str:
-    """The spec without its seed: runs with the same key are replicates of one experiment."""
+def replicate_key(spec: dict | None) -> str | None:
+    """The spec without its seed: runs with the same key are replicates of one experiment.
+    None for a run stored without a spec, which is never grouped with another."""
     import json
 
-    spec = {k: v for k, v in (entry.get("spec") or {}).items() if k != "seed"}
-    return json.dumps(spec, sort_keys=True)
+    if not spec:
+        return None
+    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True,
+                      default=str)
 
 
 def group_replicates(entries) -> list[list[dict]]:
     """Entries grouped by :func:`replicate_key`, groups in the order of their first run."""
     groups: dict[str, list[dict]] = {}
     for e in entries:
-        groups.setdefault(replicate_key(e), []).append(e)
+        groups.setdefault(replicate_key(e.get("spec")) or f"run {e['id']}", []).append(e)
     return list(groups.values())
 
 

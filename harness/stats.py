@@ -152,4 +152,4 @@ def intervals_overlap(a: tuple[float, float] | None, b: tuple[float, float] | No
     without uncertainty is not declared within noise of anything)."""
     if a is None or b is None:
         return False
-    return a[0] <= b[1] and b[0] <= a[1]
+    return bool(a[0] <= b[1] and b[0] <= a[1])

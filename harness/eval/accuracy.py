@@ -17,6 +17,7 @@ import os
 import time
 
 from harness.errors import HarnessError
+from harness.eval.hf_offline import MISSING_DATA_ERRORS, offline_env
 from harness.eval.task_data import OFFLINE_TASKS, tasks_dir
 
 # Accepted by name; they need their Hugging Face dataset in the local cache (no network here).
@@ -36,19 +37,8 @@ TASK_METRICS = {
 }
 # Bootstrap is only used for non-mean aggregations; acc/acc_norm stderr is analytic (cheap).
 BOOTSTRAP_ITERS = 100
-# What `datasets` (5.x) and `huggingface_hub` raise for a dataset that is neither cached nor
-# reachable: ConnectionError when offline or without network (datasets wraps the hub's
-# OfflineModeIsEnabled, itself one, and its network errors in it: measured with arc_easy and
-# piqa), FileNotFoundError for "not found" (DatasetNotFoundError, DataFilesNotFoundError,
-# EmptyDatasetError and the hub's LocalEntryNotFoundError subclass it). Anything else loading a
-# suite is a bug and surfaces as itself.
-MISSING_DATA_ERRORS = (ConnectionError, FileNotFoundError)
-
-
 def _offline_env() -> None:
-    # Must be set before ``datasets`` / ``huggingface_hub`` are imported to take effect.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import torch
 
 from harness import data
 from harness.errors import HarnessError
+from harness.eval.hf_offline import MISSING_DATA_ERRORS, offline_env
 
 SHAKESPEARE = "shakespeare"
 WIKITEXT2 = "wikitext2"
@@ -65,12 +65,8 @@ _LABELS = {
 }
 _METRICS = {SHAKESPEARE: "ppl", WIKITEXT2: "ppl_wikitext2", C4: "ppl_c4", PTB: "ppl_ptb"}
 
-# What `datasets` 5.2 / `huggingface_hub` raise for data that is neither cached nor reachable
-# (measured offline): ConnectionError for a dataset never cached (the hub's OfflineModeIsEnabled
-# wrapped), FileNotFoundError and its subclasses (DatasetNotFoundError, LocalEntryNotFoundError)
-# for a missing repository or file. A dataset cached under other configurations raises a
-# ValueError instead, matched by its message in :func:`_load_hf` (see _MISSING_CONFIG).
-MISSING_DATA_ERRORS = (ConnectionError, FileNotFoundError)
+# A dataset cached under other configurations raises a ValueError rather than one of
+# MISSING_DATA_ERRORS, matched by its message in :func:`_load_hf`.
 _MISSING_CONFIG = "Couldn't find cache for"
 _MANY_CONFIGS = "There are multiple"
 _UNKNOWN_SPLIT = "Unknown split"
@@ -307,14 +303,8 @@ def _check_file(entry: str) -> Path:
 
 # --- Hugging Face data -----------------------------------------------------------------------
 
-def _offline_env() -> None:
-    # Must be set before ``datasets`` / ``huggingface_hub`` are imported to take effect.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
 def _datasets(entry: str):
-    _offline_env()
+    offline_env()
     try:
         import datasets
         import datasets.naming
