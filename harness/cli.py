@@ -202,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             return stop.exit_code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def entry() -> int:
+    """The ``harness`` console command: :func:`main` in a process whose freed host memory stays
+    with it (``harness.host_memory``; tests call :func:`main` and keep their allocator)."""
+    from harness.host_memory import keep_freed_memory
 
+    keep_freed_memory()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

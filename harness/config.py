@@ -78,13 +78,15 @@ class Profile(BaseModel):
 OFFLINE_TASKS = ("shakespeare_cloze", "shakespeare_nextline")
 
 PROFILES: dict[str, Profile] = {
-    # CPU default: SmolLM2 evaluates ~450 tokens/s on 2 cores, a 4x256 training step takes
-    # seconds, so a method finishes in minutes. 16,384 held-out tokens = 8 windows of 2048.
+    # CPU default: SmolLM2 evaluates ~600 tokens/s on 2 cores and a 4x256 step takes 8-9 s
+    # (BitDistiller) or ~8 s (OneBit), so the main job, both trained, fits `make run`'s 15
+    # minutes with set-up at 20 steps (40 before 2026-12-05: 25 minutes; docs/RESULTS.md).
+    # 16,384 held-out tokens = 8 windows of 2048.
     "quick": Profile(
         name="quick",
         description="CPU-sized: first 16,384 held-out tokens, short training",
         eval=EvalSpec(seq_len=2048, max_tokens=16384, tasks=OFFLINE_TASKS, limit=50),
-        train=TrainDefaults(steps=40, batch_size=4, seq_len=256, teacher_samples=64,
+        train=TrainDefaults(steps=20, batch_size=4, seq_len=256, teacher_samples=64,
                             teacher_new_tokens=256),
     ),
     # GPU default: the whole held-out set and a training budget of tens of GPU-minutes.

@@ -74,9 +74,11 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
         ``wall_s``, ``device``, ``host``, ``pid``.
     """
     from harness.devices import pick_device
+    from harness.host_memory import keep_freed_memory
     from harness.runner import execute_run, run_dir_for
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()  # a Ray worker is a long-lived process of its own
     start = time.perf_counter()
     spool = run_dir_for(Path(output_dir), spec) / SPOOL_NAME
     rec = _spool_recorder(spool)
@@ -111,9 +113,11 @@ def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temp
     """
     try:
         from harness.devices import pick_device
+        from harness.host_memory import keep_freed_memory
         from harness.models import load_model
         from harness.train.teacher_data import teacher_sequences
 
+        keep_freed_memory()
         # One load gives the tokenizer and the teacher (cheap next to generation; on a cache hit
         # the model is simply dropped).
         teacher, tokenizer = load_model(model, device=pick_device(device))

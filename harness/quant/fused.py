@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from harness.quant.grid import NF3_LEVELS, div_exact, nf3_codes, round_half_away, round_scale
+from harness.quant.grid import (
+    NF3_LEVELS,
+    div_exact,
+    nf3_side_codes,
+    nf3_values,
+    round_half_away,
+    round_scale,
+)
 
 
 def _tie_share(xg: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -101,13 +108,10 @@ class NF3FakeQuant(torch.autograd.Function):
         amax, amin = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
         mx = round_scale(amax.clamp(min=1e-5), scale_dtype)
         mn = round_scale(amin.abs().clamp(min=1e-5), scale_dtype)
-        pos = (xg >= 0).to(xg.dtype)
-        s = mx * pos + mn * (1 - pos)  # where(x >= 0, mx, mn), exactly
-        codes = nf3_codes(xg / s)
-        levels = torch.tensor(NF3_LEVELS, dtype=xg.dtype, device=xg.device)
+        codes, s = nf3_side_codes(xg, mx, mn)
         ctx.save_for_backward(xg, codes, mx, mn, amax, amin)
         ctx.detach_scales = detach_scales
-        return levels.take(codes.long()) * s
+        return nf3_values(codes, s)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -15,6 +15,8 @@ from harness.quant.grid import (
     NF3_LEVELS,
     div_exact,
     nf3_codes,
+    nf3_side_codes,
+    nf3_values,
     round_half_away,
     round_scale,
     valid_group_sizes,
@@ -112,6 +114,9 @@ def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: 
         from harness.quant.fused import NF3FakeQuant
 
         out = NF3FakeQuant.apply(x, detach_scales, scale_dtype)
+    elif fmt == "nf3" and not (torch.is_grad_enabled() and w.requires_grad):
+        mx, mn = _nf3_params(x, scale_dtype)  # no graph: the clip search's and packing's path
+        out = nf3_values(*nf3_side_codes(x, mx, mn))
     elif fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)
         if detach_scales:

@@ -23,7 +23,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(40, ge=1, description="optimizer steps")
+    steps: int = Field(20, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch")
     seq_len: int = Field(256, ge=8, description="tokens per sequence")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
