@@ -26,13 +26,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import bench_model, interleaved, print_profile, step_bench_args
 
+from harness.api import ObjectiveInputs
 from harness.quant.batched import BatchedOneBit
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.quant.onebit import OneBitLinear
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
 from harness.train.trainer import _compiled_decoders, _forward, _optimizer_step, optimizer_groups
-from methods.base import ObjectiveInputs
 from methods.onebit import OneBit
 
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from harness.quant.primitives import fake_quantize
+from harness.quant.formats import fake_quantize
 
 CASES = [("int", 2, 64), ("int", 2, 128), ("int", 3, 128), ("nf3", 3, 128)]
 

@@ -65,7 +65,7 @@ def run_label(method: str, fmt: str | None, bits: int | None, group_size: int | 
               run_key: str) -> str:
     """Short human name of a run: ``clip int3 g128 · 1a2b3c``."""
     parts = [method]
-    if fmt == "binary" or (fmt and fmt[-1].isdigit()):  # nf3, binary: the name says the width
+    if fmt in ("binary", "ternary") or (fmt and fmt[-1].isdigit()):  # the name says the width
         parts.append(fmt)
     elif bits is not None:
         parts.append(f"{fmt or ''}{bits}".strip())

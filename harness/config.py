@@ -184,11 +184,6 @@ class RunSpec(BaseModel):
         """Short, stable identity shown to users (first 12 hex digits of the hash)."""
         return self.spec_hash()[:12]
 
-    def method_config(self):
-        from harness.registry import get_method
-
-        return get_method(self.method).Config(**self.config)
-
     @property
     def bits(self) -> int | None:
         bits = _find(self.config, "bits")

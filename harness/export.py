@@ -262,8 +262,8 @@ def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | 
                      progress=True)
     out = {"ppl": res.ppl, "tokens": res.tokens}
     if tasks:
+        from harness.api import NullRecorder
         from harness.errors import require_module
-        from methods.base import NullRecorder
 
         evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
 

@@ -132,20 +132,16 @@ def teacher_key(spec: RunSpec) -> tuple | None:
     """``(model, model_key, samples, new_tokens, temperature, top_k, top_p)`` of the teacher
     data ``spec`` reads (the arguments of :func:`teacher_task` before the device), or None.
 
-    Mirrors :func:`harness.train.data.training_blocks`: training methods whose data is the
-    teacher's continuations, and CAKLD (its gamma is estimated on teacher data).
+    The method says (``needs().teacher_data``, sampled as its training settings ask, which is
+    what :func:`harness.train.data.training_blocks` reads); the scheduler knows no method.
     """
-    cfg = spec.config
-    train = cfg.get("train")
-    if not isinstance(train, dict):
-        return None
-    if cfg.get("data") != "teacher" and cfg.get("loss") != "cakld":
-        return None
-    from harness.train.config import TrainConfig
+    from harness.registry import build_method
 
-    cfg = TrainConfig(**train)  # the run's own defaults for what its settings leave out
-    return (spec.model, spec.model_key, cfg.teacher_samples, cfg.teacher_new_tokens,
-            cfg.temperature, cfg.teacher_top_k, cfg.teacher_top_p)
+    sampling = build_method(spec).needs().teacher_data
+    if sampling is None:
+        return None
+    return (spec.model, spec.model_key, sampling.samples, sampling.new_tokens,
+            sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 # --- driver side -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.base import Recorder
+from harness.api import Recorder
 
 
 class StoreRecorder(Recorder):

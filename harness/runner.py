@@ -1,7 +1,7 @@
 """Executes one run: load, prepare, train (if the method has an objective), finalize, evaluate.
 
 The same function runs in-process (``--scheduler inline``) and inside a Ray task; results go
-to a :class:`~methods.base.Recorder`, never straight to a database from a worker.
+to a :class:`~harness.api.Recorder`, never straight to a database from a worker.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from harness.api import Calibration, Method, RunContext
 from harness.config import RunSpec
 from harness.devices import pick_device
-from methods.base import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,23 @@ class _Timer:
                 self.peaks[kind] = max(self.peaks.get(kind, 0.0), value)
 
 
-def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
+def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run_dir: Path,
                   device: torch.device) -> RunContext:
-    """A RunContext whose expensive members (calibration, teacher, data) load on first use."""
+    """A RunContext whose expensive members (calibration, teacher, data) load on first use,
+    sized by what ``method`` declares (:meth:`~harness.api.Method.needs`, its ``config``)."""
     from harness import data
+    from harness.train.config import TrainConfig
 
     cache: dict[str, object] = {}
+    # a method that declares none still gets calibration blocks and training data if it asks:
+    # the default sizes, as before it could declare them
+    calib = method.needs().calibration or Calibration()
+    train_settings = getattr(method.config, "train", None) or TrainConfig()
 
     def calibration() -> torch.Tensor:
         if "calib" not in cache:
-            cfg = spec.config
-            seq = int(cfg.get("calib_seq_len", 512))
-            n = int(cfg.get("calib_samples", 16))
-            cache["calib"] = data.token_blocks(tokenizer, "calibration", seq, n, seed=spec.seed)
+            cache["calib"] = data.token_blocks(tokenizer, "calibration", calib.seq_len,
+                                               calib.samples, seed=spec.seed)
         return cache["calib"]
 
     def teacher():
@@ -91,7 +95,8 @@ def build_context(spec: RunSpec, model, tokenizer, recorder, run_dir: Path,
 
         key = f"train:{source}"
         if key not in cache:
-            cache[key] = training_blocks(spec, tokenizer, source, teacher, device)
+            cache[key] = training_blocks(spec, train_settings, tokenizer, source, teacher,
+                                         device)
         return cache[key]
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,18 +156,17 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
         HarnessError: bad input discovered while running (the caller marks the run failed).
     """
     from harness.models import load_model
-    from harness.registry import get_method
+    from harness.registry import build_method
     from harness.train.trainer import train
 
     dev = pick_device(device)
     seed_everything(spec.seed)
-    method_cls = get_method(spec.method)
-    method = method_cls(spec.method_config())
+    method = build_method(spec)
     run_dir = run_dir_for(Path(output_dir), spec)
     peaks: dict[str, float] = {}
     with _Timer(recorder, "load", peaks):
         model, tokenizer = load_model(spec.model, device=dev)
-    ctx = build_context(spec, model, tokenizer, recorder, run_dir, dev)
+    ctx = build_context(spec, method, model, tokenizer, recorder, run_dir, dev)
     with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
     with _Timer(recorder, "objective", peaks):  # teacher data and CAKLD's gamma come here
@@ -174,7 +178,7 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
             train(model, objective, method.config.train, ctx, progress=progress)
     with _Timer(recorder, "finalize", peaks):
         model = method.finalize(model, ctx)
-    if method_cls.quantizes:
+    if method.quantizes:
         from harness.export import save_packed
 
         path = save_packed(model, spec, run_dir)

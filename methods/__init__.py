@@ -1,1 +1,1 @@
-"""Quantization methods, one module each; see ``methods/base.py`` for the interface."""
+"""Quantization methods, one module each; the interface they implement is ``harness.api``."""

@@ -1,154 +1,21 @@
-"""The method interface: a method turns a full-precision model into a quantized one.
+"""Compatibility module: the method contract lives in :mod:`harness.api`.
 
-The harness owns everything around it (loading, data, teacher, training loop, evaluation,
-storage). A method has a typed config and three lifecycle steps, in the spirit of torchao's
-prepare/convert and llm-compressor's modifiers:
-
-- ``prepare(model, ctx)``: swap ``nn.Linear`` for training-form quantized modules and
-  initialise them (RTN, clipping search, SVID...).
-- ``objective(ctx)``: ``None`` for post-training methods, else an :class:`Objective` the shared
-  trainer minimises.
-- ``finalize(model, ctx)``: convert to the packed storage form that is evaluated and saved.
+Third-party plugins written against ``methods.base`` keep working through these re-exports; new
+code (the built-in methods included) imports ``harness.api``.
 """
 
-from __future__ import annotations
+from harness.api import (
+    Calibration,
+    Method,
+    MethodConfig,
+    Needs,
+    NullRecorder,
+    Objective,
+    ObjectiveInputs,
+    Recorder,
+    RunContext,
+    TeacherSampling,
+)
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-import torch
-from pydantic import BaseModel, ConfigDict
-from torch import nn
-
-log = logging.getLogger(__name__)
-
-
-class MethodConfig(BaseModel):
-    """Base of every method's config: typed, validated, unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass
-class ObjectiveInputs:
-    """What the trainer hands a loss: student outputs, optional teacher outputs, the batch."""
-
-    student_logits: torch.Tensor
-    labels: torch.Tensor  # next-token targets aligned with logits, -100 where ignored
-    teacher_logits: torch.Tensor | None = None
-    student_hidden: tuple[torch.Tensor, ...] | None = None
-    teacher_hidden: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class Objective:
-    """A training objective: the loss and what it needs from the harness.
-
-    Attributes:
-        loss: maps :class:`ObjectiveInputs` to a scalar loss.
-        needs_teacher: run the frozen full-precision teacher on each batch.
-        needs_hidden_states: ask both models for hidden states (OneBit).
-        data: ``"corpus"`` (training plays) or ``"teacher"`` (teacher-generated continuations).
-        metrics: values computed before training (e.g. CAKLD's gamma), stored with the run.
-    """
-
-    loss: Callable[[ObjectiveInputs], torch.Tensor]
-    needs_teacher: bool = False
-    needs_hidden_states: bool = False
-    data: Literal["corpus", "teacher"] = "corpus"
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class Recorder:
-    """Where a run's results go. The driver's recorder writes to the store; a Ray worker's
-    buffers them and the driver writes them (workers never write to SQLite)."""
-
-    def metric(self, name: str, value: float, task: str | None = None, **extra: Any) -> None:
-        raise NotImplementedError
-
-    def train_step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        raise NotImplementedError
-
-    def layer_stat(self, layer: str, module: str, stat: str, value: float) -> None:
-        raise NotImplementedError
-
-    def artifact(self, kind: str, path: str) -> None:
-        raise NotImplementedError
-
-    def series(self, name: str, values, task: str | None = None) -> None:
-        """One value per evaluated item (a perplexity window's NLL, an example's correctness):
-        what confidence intervals and paired comparisons between runs are computed from."""
-        raise NotImplementedError
-
-
-class NullRecorder(Recorder):
-    """Records nothing (library use without a store)."""
-
-    def metric(self, name, value, task=None, **extra):
-        pass
-
-    def train_step(self, step, loss, lr, tokens_per_s):
-        pass
-
-    def layer_stat(self, layer, module, stat, value):
-        pass
-
-    def artifact(self, kind, path):
-        pass
-
-    def series(self, name, values, task=None):
-        pass
-
-
-@dataclass
-class RunContext:
-    """What a method may use. Expensive members are loaded on first access by the runner.
-
-    Attributes:
-        spec: the validated run spec (``harness.config.RunSpec``).
-        device: torch device the run uses.
-        tokenizer: the model's tokenizer.
-        recorder: metrics / train steps / layer stats sink.
-        run_dir: per-run directory (checkpoints, exports).
-        calibration: callable returning calibration token batches ``[n, seq]`` (clipping).
-        teacher: callable returning the frozen full-precision teacher (loaded once).
-        train_batches: callable returning training token batches for a data source.
-    """
-
-    spec: Any
-    device: torch.device
-    tokenizer: Any
-    recorder: Recorder
-    run_dir: Path
-    calibration: Callable[[], torch.Tensor] | None = None
-    teacher: Callable[[], nn.Module] | None = None
-    train_batches: Callable[[str], torch.Tensor] | None = None
-
-
-class Method:
-    """Base class. Subclasses set ``Config``, ``description`` and override the lifecycle."""
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    Config: ClassVar[type[MethodConfig]] = MethodConfig
-    #: False for the full-precision reference, which has no bits/group.
-    quantizes: ClassVar[bool] = True
-
-    def __init__(self, config: MethodConfig | None = None) -> None:
-        self.config = config if config is not None else self.Config()
-
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return model
-
-    def objective(self, ctx: RunContext) -> Objective | None:
-        return None
-
-    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return model
-
-    @classmethod
-    def summary(cls) -> str:
-        return cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+__all__ = ["Calibration", "Method", "MethodConfig", "Needs", "NullRecorder", "Objective",
+           "ObjectiveInputs", "Recorder", "RunContext", "TeacherSampling"]

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from harness.api import Calibration, Needs
 from harness.models import no_cache
 from harness.registry import register_method
 from methods.rtn import RTN
@@ -103,6 +104,12 @@ class Clip(RTN):
     """RTN after the asymmetric clipping search on calibration activations."""
 
     Config = ClipConfig
+
+    def needs(self):
+        if not self.config.clip:
+            return Needs()
+        return Needs(calibration=Calibration(samples=self.config.calib_samples,
+                                             seq_len=self.config.calib_seq_len))
 
     def prepare(self, model, ctx):
         if self.config.clip:

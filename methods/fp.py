@@ -3,8 +3,8 @@ the embedded SmolLM2, its Q4_1 GGUF dequantized to float32), evaluated like the 
 
 from __future__ import annotations
 
+from harness.api import Method, MethodConfig
 from harness.registry import register_method
-from methods.base import Method, MethodConfig
 
 
 class FPConfig(MethodConfig):

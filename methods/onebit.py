@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from harness.api import Method, MethodConfig, Needs, Objective, TeacherSampling
 from harness.registry import register_method
 from harness.train.config import TrainConfig
-from methods.base import Method, MethodConfig, Objective
 
 
 class OneBitConfig(MethodConfig):
@@ -43,6 +43,11 @@ class OneBit(Method):
     """1-bit weights (sign) + value vectors, SVID init, KD on logits and hidden states."""
 
     Config = OneBitConfig
+
+    def needs(self):
+        teacher_data = (TeacherSampling.from_train(self.config.train)
+                        if self.config.data == "teacher" else None)
+        return Needs(teacher_data=teacher_data, teacher_model=True)
 
     def prepare(self, model, ctx):
         from harness.quant.modules import decoder_linear_names, replace_linears

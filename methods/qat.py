@@ -5,13 +5,14 @@ The ablation baseline that separates "training the quantized model" from "self-d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field, field_validator
 
+from harness.api import Objective, TeacherSampling
 from harness.registry import register_method
 from harness.train.config import TrainConfig
-from methods.base import Objective
 from methods.clip import Clip, ClipConfig
 
 #: BitDistiller's reference training (train/train.sh, config/zero.json): AdamW at 8e-6 constant
@@ -62,6 +63,15 @@ class QAT(Clip):
     """Clipping init, then quantization-aware training on next-token cross-entropy."""
 
     Config = QATConfig
+
+    def needs(self):
+        cfg = self.config
+        # cakld declares teacher data whatever cfg.data says, as the Ray scheduler decided
+        # before methods declared their needs: the same runs wait for the same generation
+        reads_teacher_data = cfg.data == "teacher" or cfg.loss == "cakld"
+        return replace(super().needs(), teacher_model=cfg.loss != "ce",
+                       teacher_data=TeacherSampling.from_train(cfg.train)
+                       if reads_teacher_data else None)
 
     def objective(self, ctx):
         return make_objective(self.config, ctx)

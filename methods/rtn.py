@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from harness.api import Method
 from harness.registry import register_method
-from methods.base import Method
 from methods.weightquant import WeightQuantConfig, pack_all, to_quant_linears
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from methods.base import MethodConfig
+from harness.api import MethodConfig
+from harness.errors import HarnessError
 
 
 class WeightQuantConfig(MethodConfig):
@@ -21,12 +22,17 @@ class WeightQuantConfig(MethodConfig):
     dimension, else the largest of 64/32 that does; the planner resolves it before the run.
     """
 
-    fmt: Literal["int", "nf3"] = Field(
-        "int", description="int or nf3; unset: nf3 at 3 bits (BitDistiller's 3-bit format; "
-        "int if symmetric), int otherwise")
-    bits: int = Field(3, ge=1, le=8, description="weight bits (1-8)")
+    fmt: str = Field(
+        "int", description="a registered format: int, nf3, ternary...; unset: nf3 at 3 bits "
+        "(BitDistiller's 3-bit format; int if symmetric), int otherwise")
+    bits: int = Field(3, ge=1, le=8, description="weight bits (1-8); a fixed-width format "
+                      "(ternary) sets its own")
     group_size: int | None = Field(None, description="group along inputs; -1 = per row")
     symmetric: bool = False
+    # Left out of the dump while unset, so every int/nf3 run keeps its run key.
+    scaling: Literal["absmean", "absmax"] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="ternary's per-group scale: absmean (BitNet b1.58, default) or absmax")
     detach_scales: bool = Field(False, description="stop gradients into scales/zeros (QAT)")
 
     @model_validator(mode="before")
@@ -39,7 +45,21 @@ class WeightQuantConfig(MethodConfig):
             bits = values.get("bits", cls.model_fields["bits"].default)
             symmetric = values.get("symmetric", cls.model_fields["symmetric"].default)
             values = dict(values, fmt="nf3" if bits == 3 and not symmetric else "int")
+        if isinstance(values, dict) and isinstance(values.get("fmt"), str):
+            values = _format_defaults(values)
         return values
+
+    @field_validator("fmt")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from harness.quant.formats import FORMATS
+
+        if v not in FORMATS:  # the registry's message: the known formats, the closest one
+            try:
+                FORMATS.get(v)
+            except HarnessError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _check_format(self):
@@ -49,9 +69,30 @@ class WeightQuantConfig(MethodConfig):
     def qformat(self):
         from harness.quant.formats import QuantFormat
 
+        params = {"scaling": self.scaling} if self.scaling is not None else {}
         return QuantFormat(fmt=self.fmt, bits=self.bits,
                            group_size=self.group_size if self.group_size is not None else -1,
-                           symmetric=self.symmetric)
+                           symmetric=self.symmetric, **params)
+
+
+def _format_defaults(values: dict) -> dict:
+    """A fixed-width format's own bits and its parameters' defaults, filled in before
+    validation so that the stored config names them. Bits the user set that the format
+    cannot take are an error here, in one line, rather than a nested validation error."""
+    from harness.quant.formats import FORMATS, _format_class
+
+    fmt = values["fmt"]
+    if fmt == "binary":
+        raise HarnessError("fmt=binary is OneBit's layer, not a weight grid; use --methods onebit")
+    if fmt not in FORMATS:
+        return values  # QuantFormat's check names the unknown format and the known ones
+    cls = _format_class(fmt)
+    if cls.fixed_bits is None:
+        return values
+    if "bits" in values and values["bits"] is not None:
+        cls.check(values["bits"], False, {})  # raises with the format's own fix
+    defaults = {f: getattr(cls, f) for f in ("scaling",) if hasattr(cls, f)}
+    return {**defaults, **values, "bits": cls.fixed_bits}
 
 
 def to_quant_linears(model: nn.Module, config: WeightQuantConfig) -> nn.Module:

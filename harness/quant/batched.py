@@ -78,8 +78,9 @@ class BatchedFakeQuant(_PerPassWeights):
         out: dict[tuple, list[QuantLinear]] = defaultdict(list)
         for m in self.layers:
             w = getattr(m, "weight", None)
-            if m.packed or w is None or not _kernel_device(w) or not aligned(w):
-                continue
+            if (m.packed or w is None or m.format.kernel != "harness.quant.triton_fq"
+                    or not _kernel_device(w) or not aligned(w)):
+                continue  # ternary and other kernel-less formats keep the per-layer path
             q = m.qformat
             group = m.in_features if q.group_size == -1 else q.group_size
             out[(q.fmt, q.bits, group, q.symmetric, m.detach_scales, w.dtype, w.device)].append(m)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.errors import HarnessError
-from harness.quant.primitives import fake_quantize
+from harness.quant.formats import fake_quantize
 
 #: Name fragments of the layers the reference leaves unclipped (``auto_clip_block``: "due to qk
 #: bmm, it is hard to clip precisely"): q_proj and k_proj in llama-style models.
@@ -69,6 +69,8 @@ def _sample_tokens(x: torch.Tensor, n_tokens: int, seed: int | None) -> torch.Te
 
 
 def _quantize(w: torch.Tensor, qformat) -> torch.Tensor:
+    if hasattr(qformat, "format"):  # a QuantFormat spec: its format object does the math
+        return fake_quantize(w, qformat.format())
     return fake_quantize(w, fmt=qformat.fmt, bits=qformat.bits, group_size=qformat.group_size,
                          symmetric=qformat.symmetric)
 

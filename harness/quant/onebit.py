@@ -217,7 +217,7 @@ def effective_weight(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
     return effective_weights([w], [g], [h], dtype)[0]
 
 
-def _sign_codes(w: torch.Tensor) -> torch.Tensor:
+def sign_codes(w: torch.Tensor) -> torch.Tensor:
     """1-bit codes, 1 for a negative weight (reference ``BitLinearInf``: bit 1 -> -1)."""
     return (w < 0).to(torch.uint8).flatten()
 
@@ -395,7 +395,7 @@ class OneBitLinear(nn.Module):
         if self.is_packed:
             names = ["sign_bits", "g", "h"] + (["bias"] if self.bias is not None else [])
             return {n: getattr(self, n) for n in names}
-        state = {"sign_bits": pack_bits(_sign_codes(self.weight.detach()), 1),
+        state = {"sign_bits": pack_bits(sign_codes(self.weight.detach()), 1),
                  "g": self.g.detach().to(torch.float16), "h": self.h.detach().to(torch.float16)}
         if self.bias is not None:
             state["bias"] = self.bias.detach().to(torch.float16)

@@ -1,13 +1,34 @@
-"""Packed storage of a quantized weight: bit-packed codes, fp16 scales, packed zero points."""
+"""Packed storage of a quantized weight: packed codes, fp16 scales, packed zero points.
+
+How codes and zero points are packed is the format object's business
+(``Format.pack_codes`` / ``pack_zeros``, ``harness.quant.formats``); this is the container,
+holding the format that packed it, and its measured size. It imports no format: the formats
+build on it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from harness.quant.bitpack import pack_bits, unpack_bits
-from harness.quant.primitives import QParams, dequantize, quantize
+if TYPE_CHECKING:
+    from harness.quant.primitives import QParams
+
+
+class Unpacks(Protocol):
+    """What a stored weight needs of the format that packed it (a ``harness.quant.formats``
+    format object)."""
+
+    def unpack(self, p: PackedTensor) -> QParams: ...
+
+    def dequantize(self, q: QParams, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def stored_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the stored tensors, measured (bits/weight comes from this, not a formula)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 _FIELDS = ("codes", "scales", "zeros")
 
@@ -24,10 +45,12 @@ class PackedTensor:
     group_size: int
     symmetric: bool
     shape: tuple[int, int]
+    # the object that packed it (read back from a file: harness.quant.formats.packed_from_tensors)
+    format: Unpacks = field(compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return stored_nbytes(self.tensors())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scales": self.scales}
@@ -36,34 +59,19 @@ class PackedTensor:
         return out
 
     def qparams(self) -> QParams:
-        n = self.shape[0] * self.shape[1]
-        codes = unpack_bits(self.codes, self.bits, n).view(self.shape)
-        zeros = self.zeros
-        if zeros is not None and self.fmt == "int":
-            zeros = unpack_bits(zeros, self.bits, self.scales.numel()).view(self.scales.shape)
-        return QParams(codes, self.scales, zeros, self.fmt, self.bits, self.group_size,
-                       self.symmetric, self.shape)
+        return self.format.unpack(self)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qparams(), dtype)
+        return self.format.dequantize(self.qparams(), dtype)
 
     def meta(self) -> dict:
         return {"fmt": self.fmt, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "shape": list(self.shape)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> PackedTensor:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict,
+                     format: Unpacks) -> PackedTensor:
         return cls(tensors["codes"], tensors["scales"], tensors.get("zeros"), meta["fmt"],
-                   meta["bits"], meta["group_size"], meta["symmetric"], tuple(meta["shape"]))
+                   meta["bits"], meta["group_size"], meta["symmetric"], tuple(meta["shape"]),
+                   format=format)
 
-
-def pack(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
-         symmetric: bool = False) -> PackedTensor:
-    """Quantizes ``w`` and packs it; ``pack(w).dequantize()`` equals
-    ``fake_quantize(w, ..., scale_dtype=torch.float16)`` bit for bit."""
-    q = quantize(w.detach(), fmt, bits, group_size, symmetric, scale_dtype=torch.float16)
-    zeros = q.zeros
-    if zeros is not None and fmt == "int":
-        zeros = pack_bits(zeros, bits)  # zero points are codes too: stored at the code width
-    return PackedTensor(pack_bits(q.codes, bits), q.scales, zeros, fmt, bits, group_size,
-                        symmetric, tuple(w.shape))

@@ -1,4 +1,9 @@
-"""Pure quantization primitives: choose params, quantize, dequantize, fake-quantize (STE).
+"""The INT/NF3 grid math: choose params, quantize, dequantize, fake-quantize (STE).
+
+What the ``int`` and ``nf3`` format objects (``harness.quant.formats``) delegate to; callers
+go through a format (``fake_quantize``/``quantize``/``dequantize`` in ``harness.quant.formats``
+take a format object or the loose ``fmt, bits, group_size, symmetric`` fields). This module
+knows no format registry, so the formats build on it and not the other way round.
 
 Formulas are ../shared/METHODS.md's. Groups run along each row's input dimension (w is
 ``[out, in]``); ``group_size=-1`` is one group per row. No module state, no I/O.
@@ -6,7 +11,7 @@ Formulas are ../shared/METHODS.md's. Groups run along each row's input dimension
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +33,7 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (round_half_away(x) - x).detach()
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if w.dim() != 2:
         raise HarnessError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
@@ -43,7 +48,7 @@ SYM1_ERROR = ("symmetric 1-bit integers have no positive level (codes -1 and 0);
               "asymmetric int1 (each group's min and max) or the onebit method")
 
 
-def _check(fmt: str, bits: int, symmetric: bool = False) -> None:
+def check_grid(fmt: str, bits: int, symmetric: bool = False) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise HarnessError(f"bits must be a whole number, got {bits!r}")
     if fmt == "int" and symmetric and bits == 1:
@@ -52,13 +57,13 @@ def _check(fmt: str, bits: int, symmetric: bool = False) -> None:
         raise HarnessError(f"bits={bits} is outside 1-8 for integer formats; pick 1..8")
     if fmt == "nf3" and bits != 3:
         raise HarnessError(f"nf3 is a 3-bit format, got bits={bits}; use fmt=int for {bits} bits")
-    if fmt not in ("int", "nf3"):
+    if fmt not in ("int", "nf3"):  # other formats check themselves (harness.quant.formats)
         raise HarnessError(f"unknown format {fmt!r}; use int or nf3 (binary is OneBit's layer)")
 
 
 def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1  # bits >= 2 (_check refuses 1-bit symmetric)
+        qmax = 2 ** (bits - 1) - 1  # bits >= 2 (check_grid refuses 1-bit symmetric)
         scale = div_exact(g.abs().amax(-1, keepdim=True).clamp(min=1e-5), qmax)
         return round_scale(scale, scale_dtype), None, -(2 ** (bits - 1)), qmax
     qmax = 2**bits - 1
@@ -74,42 +79,17 @@ def _nf3_params(g: torch.Tensor, scale_dtype):
     return round_scale(mx, scale_dtype), round_scale(mn, scale_dtype)
 
 
-def fake_quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
-                  symmetric: bool = False, *, detach_scales: bool = False,
-                  scale_dtype: torch.dtype | None = None, fused: bool = True,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Quantize-dequantize ``w`` with straight-through rounding.
-
-    Args:
-        w: ``[out, in]`` weight.
-        fmt: ``"int"`` (asymmetric or symmetric integer) or ``"nf3"``.
-        bits: 1-8 for int, 3 for nf3.
-        group_size: group along the input dimension; -1 = whole row.
-        symmetric: symmetric integer grid.
-        detach_scales: stop gradients into scales (min/max); by default they flow, as in the
-            reference code.
-        scale_dtype: round scales to this dtype first (fp16 = what packed storage holds).
-        fused: on CUDA with Triton, one fused kernel per pass for every format
-            (``harness.quant.triton_fq``); elsewhere one autograd Function per format with an
-            analytic backward (``harness.quant.fused``). ``False`` records the reference graph
-            op by op.
-        out_dtype: dtype of the result (default ``w``'s); the fused CUDA kernel writes it
-            directly, sparing a cast pass under autocast.
-
-    Returns:
-        Tensor of ``w``'s shape, in ``out_dtype`` or ``w``'s dtype.
-
-    Raises:
-        HarnessError: bad format/bits or a group size that does not divide the input dim.
-    """
-    _check(fmt, bits, symmetric)
+def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, symmetric: bool,
+                        detach_scales: bool, scale_dtype, fused: bool, out_dtype) -> torch.Tensor:
+    """INT/NF3 fake quantization (the ``int`` and ``nf3`` format objects' math)."""
+    check_grid(fmt, bits, symmetric)
     if fused and w.is_cuda and scale_dtype in (None, torch.float16) and _triton_ok():
-        _grouped(w, group_size)  # validates shape and group size with the usual errors
+        grouped(w, group_size)  # validates shape and group size with the usual errors
         from harness.quant.triton_fq import fake_quantize_triton
 
         return fake_quantize_triton(w, fmt, bits, group_size, symmetric, detach_scales,
                                     scale_dtype, out_dtype)
-    x = _grouped(w.float(), group_size)
+    x = grouped(w.float(), group_size)
     if fmt == "nf3" and fused and torch.is_grad_enabled() and w.requires_grad:
         from harness.quant.fused import NF3FakeQuant
 
@@ -175,15 +155,14 @@ class QParams:
     group_size: int
     symmetric: bool
     shape: tuple[int, int]
+    params: dict = field(default_factory=dict)  # format-specific (ternary: scaling)
 
 
 @torch.no_grad()
-def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int = 128,
-             symmetric: bool = False, scale_dtype: torch.dtype = torch.float16) -> QParams:
-    """Codes + parameters such that ``dequantize(quantize(w)) == fake_quantize(w,
-    scale_dtype=scale_dtype)`` exactly."""
-    _check(fmt, bits, symmetric)
-    x = _grouped(w.float(), group_size)
+def quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, symmetric: bool,
+                   scale_dtype: torch.dtype) -> QParams:
+    check_grid(fmt, bits, symmetric)
+    x = grouped(w.float(), group_size)
     if fmt == "nf3":
         mx, mn = _nf3_params(x, scale_dtype)
         normed = torch.where(x >= 0, x / mx, x / mn)
@@ -202,9 +181,8 @@ def quantize(w: torch.Tensor, fmt: str = "int", bits: int = 3, group_size: int =
                    group_size, symmetric, tuple(w.shape))
 
 
-def dequantize(q: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Weights from codes; computed in float32 exactly as :func:`fake_quantize` does."""
-    x = _grouped(q.codes, q.group_size).float()
+def dequantize_grid(q: QParams, dtype: torch.dtype) -> torch.Tensor:
+    x = grouped(q.codes, q.group_size).float()
     s = q.scales.float().unsqueeze(-1)
     if q.fmt == "nf3":
         levels = torch.tensor(NF3_LEVELS, dtype=torch.float32, device=x.device)

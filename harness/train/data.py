@@ -7,9 +7,14 @@ out. Both come from one split, so no token is in both.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.train.config import TrainConfig
 
 SOURCES = ("corpus", "teacher")
 HOLDOUT = "holdout"
@@ -28,10 +33,13 @@ def held_out_count(n: int, fraction: float) -> int:
     return max(1, int(n * fraction + 1e-9))  # 1e-9: 0.29 * 100 is 28.999...
 
 
-def training_blocks(spec, tokenizer, source: str, teacher, device) -> torch.Tensor:
-    """``[n, seq_len]`` training blocks for ``spec``'s method config.
+def training_blocks(spec, train: TrainConfig, tokenizer, source: str, teacher,
+                    device) -> torch.Tensor:
+    """``[n, seq_len]`` training blocks for ``spec``'s run.
 
     Args:
+        train: the run's training settings (its method config's ``train``): budget, sequence
+            length, teacher sampling, held-out fraction.
         source: ``"corpus"`` (training plays) or ``"teacher"`` (FP-model continuations), with
             ``":holdout"`` for the held-out slice instead of the training part.
         teacher: callable returning the frozen teacher (loaded only when data must be generated).
@@ -39,15 +47,12 @@ def training_blocks(spec, tokenizer, source: str, teacher, device) -> torch.Tens
     Raises:
         HarnessError: an unknown source, or too little data for the held-out split.
     """
-    from harness.train.config import TrainConfig
-
     kind, _, part = source.partition(":")
     if kind not in SOURCES or part not in ("", HOLDOUT):
         raise HarnessError(f"unknown training data source {source!r}; use corpus or teacher")
-    cfg = TrainConfig(**spec.config.get("train", {}))
     split = _corpus_split if kind == "corpus" else _teacher_split
-    train, held = split(spec, tokenizer, teacher, cfg)
-    return held if part else train
+    blocks, held = split(spec, tokenizer, teacher, train)
+    return held if part else blocks
 
 
 def _corpus_split(spec, tokenizer, _teacher, cfg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from harness.api import ObjectiveInputs
 from harness.errors import HarnessError
 from harness.registry import Registry
-from methods.base import ObjectiveInputs
 
 IGNORE_INDEX = -100
 Reduction = Literal["batchmean", "mean"]

@@ -1,7 +1,7 @@
 """The shared training loop: AdamW, schedules, accumulation, clipping, checkpoints, resume,
 held-out evaluation and best-step selection.
 
-Methods only supply an :class:`~methods.base.Objective`; the loop is the same for QAT,
+Methods only supply an :class:`~harness.api.Objective`; the loop is the same for QAT,
 BitDistiller and OneBit. Checkpoints are safetensors (trainable parameters, and the best step's
 when selecting) plus the optimizer state loaded with ``torch.load(weights_only=True)``.
 """
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from harness import interrupts
+from harness.api import Objective, ObjectiveInputs, RunContext
 from harness.errors import HarnessError, TrainingDiverged
 from harness.models import no_cache
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
-from methods.base import Objective, ObjectiveInputs, RunContext
 
 log = logging.getLogger(__name__)
 

@@ -349,8 +349,10 @@ def test_bad_training_config(over, needle):
     from harness.errors import HarnessError
 
     with pytest.raises(HarnessError, match=needle):
+        from harness.registry import build_method
+
         spec = _spec("bitdistiller", **over)
-        spec.method_config()
+        build_method(spec)
         from harness.train.losses import get_loss
 
         get_loss(spec.config["loss"])

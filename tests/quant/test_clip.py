@@ -9,8 +9,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.quant.clip import clip_search
-from harness.quant.formats import QuantFormat
-from harness.quant.primitives import fake_quantize
+from harness.quant.formats import QuantFormat, fake_quantize
 
 
 def fmt(bits: int = 2, group_size: int = 32, kind: str = "int") -> QuantFormat:

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from harness.api import NullRecorder
 from harness.quant.clip import reference_skips
-from methods.base import NullRecorder
 
 
 @pytest.mark.parametrize("name,skipped", [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness.quant.primitives import fake_quantize
+from harness.quant.formats import fake_quantize
 
 
 @pytest.mark.parametrize("bits,group,sym", [(2, 16, False), (3, 32, False), (4, -1, False),
@@ -52,7 +52,7 @@ def test_fused_nf3_matches_reference(group, detach, scale_dtype):
 
 
 def test_fused_nf3_is_used_and_matches_packing():
-    from harness.quant.primitives import dequantize, quantize
+    from harness.quant.formats import dequantize, quantize
 
     w = (torch.randn(16, 128) * 0.02).requires_grad_()
     y = fake_quantize(w, "nf3", 3, 64, scale_dtype=torch.float16)

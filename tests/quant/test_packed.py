@@ -3,7 +3,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.quant import fake_quantize, pack
-from harness.quant.packed import PackedTensor
+from harness.quant.formats import packed_from_tensors
 
 # Every format the harness offers: integer 1-8 bits asymmetric, 2-8 symmetric, NF3; group sizes
 # of several widths (packed rows then start mid-byte for odd bit widths) and per row.
@@ -19,7 +19,7 @@ def test_pack_dequantize_equals_fake_quant(fmt, bits, group, sym):
     p = pack(w, fmt, bits, group, sym)
     assert torch.equal(p.dequantize(), fake_quantize(w, fmt, bits, group, sym,
                                                      scale_dtype=torch.float16))
-    again = PackedTensor.from_tensors(p.tensors(), p.meta())
+    again = packed_from_tensors(p.tensors(), p.meta())  # the format rebuilt from the metadata
     assert torch.equal(again.dequantize(), p.dequantize())
 
 

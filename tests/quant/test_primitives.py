@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
+from harness.quant.formats import dequantize, fake_quantize, quantize
 from harness.quant.grid import NF3_LEVELS, NF3_THRESHOLDS, round_half_away
-from harness.quant.primitives import dequantize, fake_quantize, quantize, ste_round
+from harness.quant.primitives import ste_round
 
 
 def test_round_half_away_from_zero():

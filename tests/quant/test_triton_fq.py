@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from harness.quant.primitives import fake_quantize
+from harness.quant.formats import fake_quantize
 from tests.quant.triton_interpret_cases import FORMATS, case_weight
 
 pytestmark = pytest.mark.gpu

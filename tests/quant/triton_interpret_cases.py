@@ -51,7 +51,7 @@ def _run(fn, w, g):
 
 
 def compare(tfq, case, scales, dtype_name) -> dict:
-    from harness.quant.primitives import fake_quantize
+    from harness.quant.formats import fake_quantize
 
     fmt, bits, group, sym = case
     detach, sd = scales
@@ -75,7 +75,7 @@ def compare(tfq, case, scales, dtype_name) -> dict:
 
 
 def extras(tfq) -> dict:
-    from harness.quant.primitives import dequantize, fake_quantize, quantize
+    from harness.quant.formats import dequantize, fake_quantize, quantize
 
     res = {}
     w = weight(torch.float32, 8, 128)
@@ -218,7 +218,7 @@ def smollm2(tfq) -> dict:
     """Real (bf16-born, so tie-prone) weights: first and last decoder block of SmolLM2."""
     from harness.models import load_model
     from harness.quant import decoder_linear_names
-    from harness.quant.primitives import fake_quantize
+    from harness.quant.formats import fake_quantize
 
     model, _ = load_model("smollm2-135m")
     names = decoder_linear_names(model)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.api import ObjectiveInputs
 from harness.errors import HarnessError
 from harness.train import losses as L
-from methods.base import ObjectiveInputs
 
 # B=2 sequences, T=2 positions, V=3 classes.
 S = [[[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]], [[0.5, -1.0, 2.0], [3.0, 1.0, 0.0]]]

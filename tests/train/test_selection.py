@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from harness.api import Objective, Recorder
 from harness.errors import HarnessError
 from harness.train import trainer
 from harness.train.config import TrainConfig
 from harness.train.data import held_out_count, training_blocks
 from harness.train.losses import get_loss
-from methods.base import Objective, Recorder
 
 SEQ = 16
 
@@ -177,8 +177,12 @@ def test_trainable_all_trains_the_tied_embeddings(tiny_copy, tmp_path, trainable
 
 
 def _spec(**train):
+    """``(spec, train settings)``, the first two arguments of ``training_blocks``."""
+    from harness.train.config import TrainConfig
+
     base = dict(steps=5, batch_size=2, seq_len=SEQ, teacher_samples=10, teacher_new_tokens=8)
-    return SimpleNamespace(config={"train": {**base, **train}}, seed=3, model_key="tiny-llama")
+    return (SimpleNamespace(seed=3, model_key="tiny-llama"),
+            TrainConfig(**{**base, **train}))
 
 
 def test_teacher_holdout_is_whole_samples_never_trained_on(tiny, tmp_path, monkeypatch):
@@ -187,10 +191,10 @@ def test_teacher_holdout_is_whole_samples_never_trained_on(tiny, tmp_path, monke
     monkeypatch.setattr(td, "cache_dir", lambda: tmp_path)
     model, tok = tiny
     teacher = lambda: model  # noqa: E731
-    plain = training_blocks(_spec(), tok, "teacher", teacher, "cpu")
-    train = training_blocks(_spec(holdout=0.2), tok, "teacher", teacher, "cpu")
-    held = training_blocks(_spec(holdout=0.2), tok, "teacher:holdout", teacher, "cpu")
-    assert training_blocks(_spec(), tok, "teacher:holdout", teacher, "cpu").numel() == 0
+    plain = training_blocks(*_spec(), tok, "teacher", teacher, "cpu")
+    train = training_blocks(*_spec(holdout=0.2), tok, "teacher", teacher, "cpu")
+    held = training_blocks(*_spec(holdout=0.2), tok, "teacher:holdout", teacher, "cpu")
+    assert training_blocks(*_spec(), tok, "teacher:holdout", teacher, "cpu").numel() == 0
     seqs = td.teacher_sequences("tiny-llama", teacher, tok, 10, 8, seed=0)
     width = seqs.size(1) + 1  # a sample and its EOS
     # holdout 0: the blocks as before the setting existed (stream of all samples, seeded order)
@@ -207,9 +211,9 @@ def test_teacher_holdout_is_whole_samples_never_trained_on(tiny, tmp_path, monke
 
 def test_corpus_holdout_adds_unread_blocks_and_keeps_the_training_ones(tiny):
     _, tok = tiny
-    plain = training_blocks(_spec(), tok, "corpus", None, "cpu")
-    train = training_blocks(_spec(holdout=0.3), tok, "corpus", None, "cpu")
-    held = training_blocks(_spec(holdout=0.3), tok, "corpus:holdout", None, "cpu")
+    plain = training_blocks(*_spec(), tok, "corpus", None, "cpu")
+    train = training_blocks(*_spec(holdout=0.3), tok, "corpus", None, "cpu")
+    held = training_blocks(*_spec(holdout=0.3), tok, "corpus:holdout", None, "cpu")
     assert torch.equal(plain, train) and plain.size(0) == 10  # 5 steps x 2
     assert held.size(0) == 3
     rows = {tuple(r) for r in train.tolist()}
@@ -252,7 +256,7 @@ def test_unknown_source_and_a_holdout_of_everything_are_errors(tiny, tmp_path, m
     monkeypatch.setattr(td, "cache_dir", lambda: tmp_path)
     model, tok = tiny
     with pytest.raises(HarnessError, match="unknown training data source"):
-        training_blocks(_spec(), tok, "teacher:eval", lambda: model, "cpu")
+        training_blocks(*_spec(), tok, "teacher:eval", lambda: model, "cpu")
     with pytest.raises(HarnessError, match="holds out all 1 teacher samples"):
-        training_blocks(_spec(teacher_samples=1, holdout=0.5), tok, "teacher", lambda: model,
+        training_blocks(*_spec(teacher_samples=1, holdout=0.5), tok, "teacher", lambda: model,
                         "cpu")
