@@ -27,6 +27,7 @@ import streamlit as st
 from dashboard import charts, queries
 from dashboard.launch import db_url_from_argv
 from harness.errors import HarnessError
+from harness.report import fmt_num
 from harness.store import DEFAULT_DB, Store
 
 PAGES = {"leaderboard": "Leaderboard", "compare": "Compare", "training": "Training",
@@ -190,8 +191,6 @@ def replicates_of(board: pd.DataFrame, run_key: str) -> list[tuple[int, str]]:
 
 
 def fmt_value(v, digits: int = 2) -> str:
-    from harness.report import fmt_num
-
     return fmt_num(float(v) if v is not None and not isinstance(v, str) else v, digits)
 
 

@@ -6,6 +6,7 @@ Chromium binary and ``websockets`` (already a Streamlit dependency): no Selenium
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -86,7 +87,7 @@ class Page:
 
     def __init__(self, width: int = 1400, height: int = 1000,
                  chromium: str | None = None) -> None:
-        from websockets.sync.client import connect
+        from websockets.sync.client import connect  # optional: only screenshots need it
 
         chromium = chromium or find_chromium()
         if not chromium:
@@ -168,8 +169,6 @@ class Page:
 
     def screenshot(self, path: Path, full: bool = True, max_height: int = 6000) -> Path:
         """PNG of the page; ``full`` grows the viewport to Streamlit's scroll height first."""
-        import base64
-
         if full:
             h = self.eval("Math.max(document.body.scrollHeight, ...Array.from(document."
                           "querySelectorAll('[data-testid=\"stMain\"], section.main, "

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from dashboard.queries import layer_sort_key, uncertain_column
 
 LOG_SPAN = 20.0
 # Before/after pairs of per-layer stats (methods/clip.py, methods/onebit.py).
@@ -98,8 +101,6 @@ def with_whiskers(part: pd.DataFrame, metric: str) -> list[tuple[pd.DataFrame, d
 
 
 def _hover(part: pd.DataFrame, metric: str, digits: int) -> list[str]:
-    from dashboard.queries import uncertain_column
-
     return list(uncertain_column(part, metric, digits).fillna(""))
 
 
@@ -248,8 +249,6 @@ def training_curves(steps: pd.DataFrame, label: str = "label",
 
 
 def _matrix(stats: pd.DataFrame, stat: str) -> pd.DataFrame:
-    from dashboard.queries import layer_sort_key
-
     part = stats[stats["stat"] == stat]
     if part.empty:
         return pd.DataFrame()
@@ -323,7 +322,5 @@ def timings_bar(timings: dict[str, float]) -> go.Figure:
 
 
 def _palette(keys) -> dict[str, str]:
-    import plotly.colors as pc
-
     colors = pc.qualitative.Plotly + pc.qualitative.D3
     return {str(k): colors[i % len(colors)] for i, k in enumerate(keys)}

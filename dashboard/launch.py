@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from dashboard.queries import sqlite_path
 from harness.errors import HarnessError
+from harness.interrupts import explain
+from harness.store import DEFAULT_DB, Store
 
 APP = Path(__file__).resolve().with_name("app.py")
 
@@ -25,8 +29,6 @@ APP = Path(__file__).resolve().with_name("app.py")
 def db_url_from_argv(argv: list[str] | None = None) -> str:
     """The app's database: ``--db URL`` (after Streamlit's ``--``), else ``$LOWBIT_DB``, else
     ``$HARNESS_DB``, else the default."""
-    from harness.store import DEFAULT_DB
-
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--db")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -39,9 +41,6 @@ def check_db(db_url: str) -> None:
     Raises:
         HarnessError: no SQLite file at the path, or the URL cannot be opened read-only.
     """
-    from dashboard.queries import sqlite_path
-    from harness.store import Store
-
     try:
         path = sqlite_path(db_url)
     except Exception:  # malformed URL: Store gives the one-line message
@@ -55,8 +54,6 @@ def check_db(db_url: str) -> None:
 def check_port(port: int) -> None:
     """Fails in one line when something already listens on 127.0.0.1:``port`` (Streamlit
     would print its own complaint after ours announced the address)."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds
         try:
@@ -90,8 +87,6 @@ def launch(db_url: str, port: int = 8501) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt as exc:
-        from harness.interrupts import explain
-
         # Ctrl+C reaches Streamlit too (same process group): let it shut down cleanly. A
         # SIGTERM (harness.interrupts raises it here) was sent to us alone: pass it on.
         if explain(exc).exit_code != 128 + signal.SIGTERM:

@@ -9,122 +9,8 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 
-def _parse_sets(items: list[str]) -> dict:
-    """``--set a.b=1`` -> ``{"a": {"b": 1}}``; values parsed as JSON, else kept as strings."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise HarnessError(f"--set {item!r} is not KEY=VALUE; e.g. --set loss=rkl")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def _specs_from_flags(args) -> list:
-    from harness.config import default_profile
-    from harness.models import decoder_in_features
-    from harness.plan import build_spec
-
-    if not args.methods:
-        raise HarnessError("nothing to run; pass --methods (e.g. --methods rtn) or an experiment file")
-    model = args.model or "smollm2-135m"
-    profile = args.profile or default_profile()
-    in_features = decoder_in_features(model)
-    overrides = _parse_sets(args.set)
-    for key, flag, given in (("bits", "--bits", args.bits),
-                             ("group_size", "--group-size", args.group_size)):
-        if key in overrides and given not in (None, []):  # one would silently win
-            raise HarnessError(f"{key} is given twice ({flag} and --set {key}="
-                               f"{overrides[key]}); keep one")
-    if args.group_size is not None:
-        overrides["group_size"] = args.group_size
-    eval_over = eval_overrides(args)
-    overrides_for = _route_overrides(args.methods, overrides)
-    _check_bits_apply(args.methods, args.bits)
-    specs = []
-    for method in args.methods:
-        for bits in args.bits or [None]:
-            for seed in seeds_of(args):
-                over = dict(overrides_for[method])
-                if bits is not None:
-                    over["bits"] = bits
-                spec = build_spec(model, method, over, profile, seed, eval_over, in_features)
-                if spec not in specs:  # fp ignores the seed: one reference for all replicates
-                    specs.append(spec)
-    return specs
-
-
-def eval_overrides(args) -> dict:
-    """The evaluation flags of ``harness run`` (None: the profile's value)."""
-    return {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "tasks": args.tasks,
-            "limit": args.limit, "ppl_data": getattr(args, "ppl_data", None),
-            "num_fewshot": getattr(args, "num_fewshot", None),
-            "allow_code_eval": getattr(args, "allow_code_eval", False) or None}
-
-
-def seeds_of(args) -> list[int]:
-    """``--seeds 0,1,2`` (replicates) or ``--seed N``; both is an error."""
-    seeds = getattr(args, "seeds", None)
-    if seeds and args.seed is not None:
-        raise HarnessError(f"--seed {args.seed} and --seeds {','.join(map(str, seeds))} both "
-                           f"given; keep one (--seeds runs one replicate per seed)")
-    if seeds:
-        if len(set(seeds)) != len(seeds):
-            raise HarnessError(f"--seeds {','.join(map(str, seeds))} repeats a seed; list each "
-                               f"once")
-        return list(seeds)
-    return [args.seed or 0]
-
-
-def _check_bits_apply(methods: list[str], bits: list[int] | None) -> None:
-    """--bits for methods of a fixed width (onebit) is an error when no requested method takes
-    it, and a note when some do (``--methods bitdistiller,onebit --bits 2`` compares 2-bit
-    BitDistiller with 1-bit OneBit)."""
-    from harness.registry import get_method
-
-    if not bits:
-        return
-    fields = {m: get_method(m).Config.model_fields for m in methods}
-    fixed = [m for m in methods if "bits" not in fields[m] and m != "fp"]
-    if not fixed:
-        return
-
-    def width(m: str) -> str:
-        f = fields[m].get("weight_bits")
-        return f"{m} ({f.default} bit{'s' if f.default != 1 else ''})" if f else m
-
-    what = (f"{', '.join(map(width, fixed))} {'has' if len(fixed) == 1 else 'have'} a fixed "
-            f"width")
-    if all(m in fixed or m == "fp" for m in methods):
-        raise HarnessError(f"--bits: {what}; drop --bits")
-    print(f"note: --bits applies to {', '.join(m for m in methods if m not in fixed and m != 'fp')}"
-          f"; {what}", file=sys.stderr)
-
-
-def _route_overrides(methods: list[str], overrides: dict) -> dict[str, dict]:
-    """Gives each method the ``--set`` keys its config has; a key no method has is an error."""
-    from harness.registry import get_method
-
-    fields = {m: set(get_method(m).Config.model_fields) for m in methods}
-    known = set().union(*fields.values()) | {"bits", "group_size"}
-    for key in overrides:
-        if key not in known:
-            raise HarnessError(f"--set {key}: no requested method has that setting; valid keys: "
-                               f"{', '.join(sorted(known))}")
-    return {m: {k: v for k, v in overrides.items() if k in fields[m] or k in ("bits", "group_size")}
-            for m in methods}
-
-
 def cmd_run(args) -> int:
-    from harness.plan import fp_reference
+    from harness.plan import plan_runs
     from harness.report import (
         RESULT_HEADERS,
         fp_references,
@@ -135,15 +21,9 @@ def cmd_run(args) -> int:
     from harness.scheduler import check_output_dir, execute
     from harness.store import Store
 
-    experiment_id = None
-    if args.experiment:
-        from harness.errors import require_module
-
-        exp = require_module("harness.experiments", "experiment files").load_experiment(
-            args.experiment, cli_args=args)
-        specs, scheduler, name = exp.specs, args.scheduler or exp.scheduler, exp.name
-    else:
-        specs, scheduler, name = _specs_from_flags(args), args.scheduler or "inline", None
+    experiment = _experiment_of(args)
+    specs = plan_runs(experiment)
+    scheduler = experiment.scheduler
     _check_scheduler_flags(args, scheduler)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
         _check_task_data(specs)
@@ -152,20 +32,14 @@ def cmd_run(args) -> int:
         check_available(sorted({e for spec in specs for e in spec.eval.ppl_data}))
     check_output_dir(Path(args.output_dir))  # before the database or any run row is touched
     store = Store(args.db)
-    if name:
-        experiment_id = store.experiment_id(name, Path(args.experiment).read_text())
-    if not args.no_fp:
-        refs = []
-        for spec in specs:
-            ref = fp_reference(spec)
-            if ref not in refs and ref not in specs:
-                refs.append(ref)
-        specs = refs + specs
+    experiment_id = None
+    if experiment.name:
+        experiment_id = store.experiment_id(experiment.name, experiment.source.read_text())
     _announce(specs)
     outcomes = execute(specs, store, args.output_dir, scheduler=scheduler, force=args.force,
                        device=args.device, experiment_id=experiment_id,
                        ray_address=getattr(args, "ray_address", None),
-                       gpus_per_run=args.gpus_per_run or 0.0,
+                       gpus_per_run=experiment.gpus_per_run or 0.0,
                        cpus_per_run=getattr(args, "cpus_per_run", None) or 1.0)
     entries = [store.run_as_dict(store.get_run(o.run_id)) for o in outcomes]
     # the FP PPL of each evaluation protocol, from this command or the database
@@ -192,6 +66,18 @@ def cmd_run(args) -> int:
         print(f"error: run {o.spec.run_key} ({o.spec.method}) failed: "
               f"{o.error.splitlines()[0]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _experiment_of(args):
+    """The experiment ``harness run`` was given: a file (its flags override it) or flags."""
+    from harness.errors import require_module
+
+    if args.experiment:
+        experiments = require_module("harness.experiments", "experiment files")
+        return experiments.Experiment.from_yaml(args.experiment).with_flags(args)
+    from harness.experiments import Experiment
+
+    return Experiment.from_flags(args)
 
 
 def _check_scheduler_flags(args, scheduler: str) -> None:
@@ -378,7 +264,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from harness.export import evaluate_path, evaluate_stored_run
+    from harness.eval.saved import evaluate_path, evaluate_stored_run
 
     opts = dict(text_file=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                 tasks=args.tasks, limit=args.limit, device=args.device,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.report import fmt_num, table
+from harness.stats import BOOTSTRAP_ITERS, mcnemar, paired_ppl
 
 
 def _eval_of(run) -> dict:
@@ -18,6 +20,7 @@ def _eval_of(run) -> dict:
 
 def _ppl_entries(run) -> dict[str, str]:
     """PPL metric name -> the data-set entry it was computed on."""
+    # startup of `harness compare`, which needs no torch otherwise: ppl_data imports it
     from harness.eval.ppl_data import DEFAULT, metric_name
 
     return {metric_name(e): e for e in (_eval_of(run).get("ppl_data") or DEFAULT)}
@@ -58,8 +61,6 @@ def compare_runs(store, ref_a: str, ref_b: str) -> dict[str, Any]:
             evaluated per window or per example (runs stored before per-window results were
             kept have none: rerun them with --force).
     """
-    from harness.stats import mcnemar, paired_ppl
-
     run_a, run_b = store.get_run(ref_a), store.get_run(ref_b)
     if run_a.id == run_b.id:
         raise HarnessError(f"both arguments name run {run_a.run_key}; pass two different runs")
@@ -118,9 +119,6 @@ def _verdict(significant: bool, a_better: bool) -> str:
 
 
 def render_compare(result: dict[str, Any]) -> str:
-    from harness.report import fmt_num, table
-    from harness.stats import BOOTSTRAP_ITERS
-
     lines = [f"A: {_describe(result['a'])}", f"B: {_describe(result['b'])}"]
     if result["ppl"]:
         rows = [[r["metric"], fmt_num(r["ppl_a"]), fmt_num(r["ppl_b"]), fmt_num(r["ratio"], 4),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 
 class HarnessError(Exception):
     """Bad input or an unusable environment. The CLI prints ``error: <message>`` and exits 2.
@@ -14,8 +16,6 @@ class HarnessError(Exception):
 
 def require_module(module: str, feature: str):
     """Imports ``module`` or raises a one-line error saying ``feature`` is unavailable."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:

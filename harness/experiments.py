@@ -1,9 +1,9 @@
-"""Experiment files: a YAML grid of runs (models x methods x grid axes x seeds).
+"""What to run: an :class:`Experiment`, from a YAML file or from ``harness run``'s flags.
 
-An experiment file is a typed, validated description of many runs; it expands into the same
-:class:`~harness.config.RunSpec` objects ``harness run --methods ...`` builds, through
-:func:`harness.plan.build_spec`, so a file and the equivalent flags give identical run hashes
-(and therefore share results and resume).
+An experiment is a typed, validated description of many runs (models x methods x grid axes x
+seeds). A file and the flags build the same :class:`Experiment`, and
+:func:`harness.plan.plan_runs` alone expands it into run specs, so a file and the equivalent
+flags give identical run hashes (and therefore share results and resume).
 
 ```yaml
 name: smollm2-ablation          # stored in the experiments table (default: the file's stem)
@@ -29,37 +29,53 @@ field (``bits``/``group_size`` are dropped for methods without them, e.g. ``fp``
 an axis no listed method has is an error. Flags given on the command line (``--model``,
 ``--methods`` as a filter, ``--bits``, ``--group-size``, ``--set``, ``--profile``, ``--seed``,
 ``--seeds``, ``--tasks``, ``--limit``, ``--max-eval-tokens``, ``--seq-len``, ``--ppl-data``,
-``--num-fewshot``, ``--allow-code-eval``) override the file.
+``--num-fewshot``, ``--allow-code-eval``, ``--no-fp``, ``--scheduler``, ``--gpus-per-run``)
+override the file (:meth:`Experiment.with_flags`).
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.config import RunSpec
 from harness.errors import HarnessError
 
 #: key inside a method's mapping that holds that method's own grid axes
 METHOD_GRID_KEY = "grid"
 
+#: the model of ``harness run`` and of a file without ``model``/``models``
+DEFAULT_MODEL = "smollm2-135m"
 
-class EvalSection(BaseModel):
-    """Evaluation settings shared by every run of the experiment (profile values otherwise)."""
 
-    model_config = ConfigDict(extra="forbid")
+class EvalSettings(BaseModel):
+    """Evaluation settings shared by every run of an experiment (``None``: the profile's value).
+
+    Their values are checked when runs are planned (:class:`~harness.config.EvalSpec`), where
+    the profile is known: a cap below one window is only an error against the final window.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq_len: int | None = None
+    max_tokens: int | None = None
+    tasks: list[str] | str | None = None
+    limit: int | None = None
+    ppl_data: list[str] | str | None = None
+    num_fewshot: int | None = None
+    allow_code_eval: bool | None = None
+
+
+class EvalSection(EvalSettings):
+    """The ``eval`` mapping of a file: checked on reading, so an error names the file's key."""
 
     seq_len: int | None = Field(None, gt=0)
     max_tokens: int | None = Field(None, gt=0)
-    tasks: list[str] | str | None = None
     limit: int | None = Field(None, gt=0)
-    ppl_data: list[str] | str | None = None
     num_fewshot: int | None = Field(None, ge=0)
-    allow_code_eval: bool | None = None
 
 
 class ExperimentFile(BaseModel):
@@ -98,7 +114,7 @@ class ExperimentFile(BaseModel):
     def model_names(self) -> list[str]:
         if self.model and self.models:
             raise HarnessError("give either model or models, not both")
-        return list(self.models or ([self.model] if self.model else ["smollm2-135m"]))
+        return list(self.models or ([self.model] if self.model else [DEFAULT_MODEL]))
 
     def seed_list(self) -> list[int]:
         if self.seed is not None and self.seeds:
@@ -106,23 +122,124 @@ class ExperimentFile(BaseModel):
         return list(self.seeds or ([self.seed] if self.seed is not None else [0]))
 
 
-@dataclass
-class Experiment:
-    """A loaded experiment: what ``harness run FILE`` executes.
+class MethodEntry(BaseModel):
+    """One method of an experiment: overrides of its config and grid axes of its own."""
 
-    Attributes:
-        name: stored in the experiments table.
-        path: the file it came from.
-        specs: validated run specs (no FP references; ``cmd_run`` adds those).
-        scheduler: ``ray`` or ``inline``.
-        gpus_per_run: Ray GPU fraction per run from the file (``None``: scheduler default).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class Experiment(BaseModel):
+    """What a ``harness run`` plans, whether a file or flags said it.
+
+    :func:`harness.plan.plan_runs` expands it: models x methods x grid points x seeds, each
+    method taking the axes and ``sets`` keys its config has, plus the FP references.
     """
 
-    name: str
-    path: Path
-    specs: list[RunSpec]
-    scheduler: str
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="stored in the experiments table; None: flags")
+    description: str = ""
+    source: Path | None = Field(None, description="the file; its errors name it and the key")
+    models: list[str] = Field(default_factory=lambda: [DEFAULT_MODEL], min_length=1)
+    methods: dict[str, MethodEntry] = Field(min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    sets: dict[str, Any] = Field(
+        default_factory=dict,
+        description="--set overrides: applied last, to every method that has the key")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    profile: Literal["quick", "full"] | None = Field(
+        None, description="None: full with CUDA, else quick (decided when planning)")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    fp_reference: bool = Field(True, description="plan the unquantized reference runs too")
+    scheduler: Literal["ray", "inline"] = "inline"
     gpus_per_run: float | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Experiment:
+        """Reads and validates an experiment file.
+
+        Raises:
+            HarnessError: missing file, malformed YAML, unknown or invalid keys (one line).
+        """
+        path = Path(path)
+        file = read_experiment_file(path)
+        return cls(name=file.name or path.stem, description=file.description, source=path,
+                   models=file.model_names(), seeds=file.seed_list(),
+                   methods={m: _method_entry(m, body, path) for m, body in file.methods.items()},
+                   grid=file.grid, profile=file.profile,
+                   eval=EvalSettings(**file.eval.model_dump()),
+                   scheduler=file.scheduler, gpus_per_run=file.gpus_per_run)
+
+    @classmethod
+    def from_flags(cls, args) -> Experiment:
+        """``harness run --methods ...`` without a file: one model, ``--bits`` and
+        ``--group-size`` as grid axes, ``--set`` over every method that has the key.
+
+        Raises:
+            HarnessError: no methods, a setting given twice, ``--bits`` for fixed-width
+                methods only, conflicting or repeated seeds, a malformed ``--set``.
+        """
+        if not args.methods:
+            raise HarnessError("nothing to run; pass --methods (e.g. --methods rtn) or an "
+                               "experiment file")
+        sets = parse_sets(args.set)
+        for key, flag, given in (("bits", "--bits", args.bits),
+                                 ("group_size", "--group-size", args.group_size)):
+            if key in sets and given not in (None, []):  # one would silently win
+                raise HarnessError(f"{key} is given twice ({flag} and --set {key}="
+                                   f"{sets[key]}); keep one")
+        check_bits_apply(args.methods, args.bits)
+        return cls(models=[args.model or DEFAULT_MODEL],
+                   methods={m: MethodEntry() for m in args.methods},
+                   grid=_flag_axes(args), sets=sets, seeds=seeds_of(args),
+                   profile=args.profile, eval=EvalSettings(**eval_flags(args)),
+                   fp_reference=not getattr(args, "no_fp", False),
+                   scheduler=getattr(args, "scheduler", None) or "inline",
+                   gpus_per_run=getattr(args, "gpus_per_run", None))
+
+    def with_flags(self, args) -> Experiment:
+        """This experiment with ``harness run FILE``'s flags applied: a given flag replaces
+        the file's value, ``--methods`` keeps only those of its methods.
+
+        Raises:
+            HarnessError: a ``--methods`` entry the file lacks, conflicting or repeated seeds,
+                a malformed ``--set``.
+        """
+        methods = self.methods
+        if args.methods:
+            missing = [m for m in args.methods if m not in methods]
+            if missing:
+                raise HarnessError(f"--methods {','.join(missing)}: not in {self.source} (it "
+                                   f"has {', '.join(methods)})")
+            methods = {m: methods[m] for m in args.methods}
+        given_seeds = getattr(args, "seeds", None) or args.seed is not None
+        gpus = getattr(args, "gpus_per_run", None)
+        return type(self)(**{
+            **dict(self),
+            "models": [args.model] if args.model else self.models,
+            "methods": methods,
+            "grid": {**self.grid, **_flag_axes(args)},
+            "sets": {**self.sets, **parse_sets(args.set or [])},
+            "seeds": seeds_of(args) if given_seeds else self.seeds,
+            "profile": args.profile or self.profile,
+            "eval": EvalSettings(**{**self.eval.model_dump(), **eval_flags(args)}),
+            "fp_reference": self.fp_reference and not getattr(args, "no_fp", False),
+            "scheduler": getattr(args, "scheduler", None) or self.scheduler,
+            "gpus_per_run": gpus if gpus is not None else self.gpus_per_run,
+        })
+
+
+def _method_entry(method: str, body: dict[str, Any] | None, path: Path) -> MethodEntry:
+    body = dict(body or {})
+    own_axes = body.pop(METHOD_GRID_KEY, None) or {}
+    if not isinstance(own_axes, dict) or any(
+            not isinstance(v, list) or not v for v in own_axes.values()):
+        raise HarnessError(f"{path}: methods.{method}.grid must map keys to non-empty lists, "
+                           f"e.g. grid: {{loss: [fkl, rkl]}}")
+    return MethodEntry(config=body, grid=own_axes)
 
 
 def _format_error(exc: ValidationError, path: Path) -> str:
@@ -171,145 +288,80 @@ def read_experiment_file(path: str | Path) -> ExperimentFile:
         raise HarnessError(_format_error(exc, path)) from None
 
 
-def _axes_for(method: str, axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of the axes that apply to ``method`` (routed like ``--set``)."""
-    keys = [k for k in axes if _has_field(method, k)]
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in keys))]
+# --- reading ``harness run``'s flags ---------------------------------------------------------
 
-
-def _has_field(method: str, key: str) -> bool:
-    from harness.registry import get_method
-
-    return key in get_method(method).Config.model_fields or key in ("bits", "group_size")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge for nested config sections (``train: {steps: ...}``)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def parse_sets(items: list[str]) -> dict:
+    """``--set a.b=1`` -> ``{"a": {"b": 1}}``; values parsed as JSON, else kept as strings."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise HarnessError(f"--set {item!r} is not KEY=VALUE; e.g. --set loss=rkl")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
     return out
 
 
-def _check_grid_keys(methods: list[str], grid: dict[str, list[Any]], where: str) -> None:
-    from harness.commands import _route_overrides
+def seeds_of(args) -> list[int]:
+    """``--seeds 0,1,2`` (replicates) or ``--seed N``; both is an error."""
+    seeds = getattr(args, "seeds", None)
+    if seeds and args.seed is not None:
+        raise HarnessError(f"--seed {args.seed} and --seeds {','.join(map(str, seeds))} both "
+                           f"given; keep one (--seeds runs one replicate per seed)")
+    if seeds:
+        if len(set(seeds)) != len(seeds):
+            raise HarnessError(f"--seeds {','.join(map(str, seeds))} repeats a seed; list each "
+                               f"once")
+        return list(seeds)
+    return [args.seed or 0]
 
-    try:
-        _route_overrides(methods, {k: None for k in grid})
-    except HarnessError as exc:
-        raise HarnessError(f"{where}: {str(exc).replace('--set ', 'grid axis ')}") from None
+
+def eval_flags(args) -> dict[str, Any]:
+    """The evaluation flags that were given (0 included: ``--num-fewshot 0`` is zero-shot);
+    ``--allow-code-eval`` is a switch, so only its presence says anything."""
+    values = {"max_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "tasks": args.tasks,
+              "limit": args.limit, "ppl_data": getattr(args, "ppl_data", None),
+              "num_fewshot": getattr(args, "num_fewshot", None),
+              "allow_code_eval": getattr(args, "allow_code_eval", False) or None}
+    return {k: v for k, v in values.items() if v is not None}
 
 
-def expand(file: ExperimentFile, path: Path, cli_args=None, check_model: bool = True
-           ) -> list[RunSpec]:
-    """Expands the file (plus command-line overrides) into validated run specs, in file order.
+def _flag_axes(args) -> dict[str, list[Any]]:
+    axes: dict[str, list[Any]] = {}
+    if args.bits:
+        axes["bits"] = list(args.bits)
+    if args.group_size is not None:
+        axes["group_size"] = [args.group_size]
+    return axes
 
-    Args:
-        file: the parsed file.
-        path: its path (for error messages).
-        cli_args: ``argparse`` namespace of ``harness run``; set flags override the file.
-        check_model: resolve automatic group sizes from the model's config. ``False`` skips
-            that (validation of files naming models that are not available offline).
 
-    Raises:
-        HarnessError: unknown method, grid axis no method has, invalid config values.
-    """
-    from harness.commands import _parse_sets
-    from harness.config import default_profile
-    from harness.models import decoder_in_features
-    from harness.plan import build_spec
+def check_bits_apply(methods: list[str], bits: list[int] | None) -> None:
+    """--bits for methods of a fixed width (onebit) is an error when no requested method takes
+    it, and a note when some do (``--methods bitdistiller,onebit --bits 2`` compares 2-bit
+    BitDistiller with 1-bit OneBit)."""
     from harness.registry import get_method
 
-    a = cli_args
-    flag = (lambda name: getattr(a, name, None)) if a is not None else (lambda name: None)
-    models = [flag("model")] if flag("model") else file.model_names()
-    if flag("seeds") or flag("seed") is not None:
-        from harness.commands import seeds_of
+    if not bits:
+        return
+    fields = {m: get_method(m).Config.model_fields for m in methods}
+    fixed = [m for m in methods if "bits" not in fields[m] and m != "fp"]
+    if not fixed:
+        return
 
-        seeds = seeds_of(a)
-    else:
-        seeds = file.seed_list()
-    profile = flag("profile") or file.profile or default_profile()
-    eval_over = file.eval.model_dump()
-    for key, name in (("max_tokens", "max_eval_tokens"), ("seq_len", "seq_len"),
-                      ("tasks", "tasks"), ("limit", "limit"), ("ppl_data", "ppl_data"),
-                      ("num_fewshot", "num_fewshot"), ("allow_code_eval", "allow_code_eval")):
-        if flag(name) not in (None, False):
-            eval_over[key] = flag(name)
-    if isinstance(eval_over.get("tasks"), list):
-        eval_over["tasks"] = tuple(eval_over["tasks"])
+    def width(m: str) -> str:
+        f = fields[m].get("weight_bits")
+        return f"{m} ({f.default} bit{'s' if f.default != 1 else ''})" if f else m
 
-    methods = dict(file.methods)
-    if flag("methods"):
-        missing = [m for m in flag("methods") if m not in methods]
-        if missing:
-            raise HarnessError(f"--methods {','.join(missing)}: not in {path} (it has "
-                               f"{', '.join(methods)})")
-        methods = {m: methods[m] for m in flag("methods")}
-    for m in methods:
-        try:
-            get_method(m)  # unknown method: one line listing the registered ones
-        except HarnessError as exc:
-            raise HarnessError(f"{path}: methods.{m}: {exc}") from None
-
-    grid = dict(file.grid)
-    if flag("bits"):
-        grid["bits"] = list(flag("bits"))
-    if flag("group_size") is not None:
-        grid["group_size"] = [flag("group_size")]
-    _check_grid_keys(list(methods), grid, str(path))
-    cli_sets = _parse_sets(flag("set") or [])
-    if cli_sets:  # a --set key no method of the file has is an error, as with --methods
-        from harness.commands import _route_overrides
-
-        _route_overrides(list(methods), cli_sets)
-
-    specs: list[RunSpec] = []
-    for model in models:
-        in_features = decoder_in_features(model) if check_model else None
-        for method, body in methods.items():
-            body = dict(body or {})
-            own_axes = body.pop(METHOD_GRID_KEY, None) or {}
-            if not isinstance(own_axes, dict) or any(
-                    not isinstance(v, list) or not v for v in own_axes.values()):
-                raise HarnessError(f"{path}: methods.{method}.grid must map keys to non-empty "
-                                   f"lists, e.g. grid: {{loss: [fkl, rkl]}}")
-            _check_grid_keys([method], own_axes, f"{path}: methods.{method}")
-            axes = {**grid, **own_axes}
-            method_sets = {k: v for k, v in cli_sets.items() if _has_field(method, k)}
-            for point in _axes_for(method, axes):
-                over = _merge(_merge(body, point), method_sets)
-                for seed in seeds:
-                    try:
-                        spec = build_spec(model, method, over, profile, seed, eval_over,
-                                          in_features)
-                    except HarnessError as exc:
-                        raise HarnessError(f"{path}: methods.{method}: {exc}") from None
-                    if spec not in specs:
-                        specs.append(spec)
-    return specs
-
-
-def load_experiment(path: str | Path, cli_args=None, check_model: bool = True) -> Experiment:
-    """Reads, validates and expands an experiment file.
-
-    Args:
-        path: the YAML file.
-        cli_args: ``harness run``'s parsed arguments; flags given there override the file.
-        check_model: see :func:`expand`.
-
-    Returns:
-        An :class:`Experiment` with ``name``, ``specs``, ``scheduler`` and ``gpus_per_run``.
-
-    Raises:
-        HarnessError: any problem with the file, in one line naming the key and the fix.
-    """
-    path = Path(path)
-    file = read_experiment_file(path)
-    specs = expand(file, path, cli_args, check_model=check_model)
-    if cli_args is not None and getattr(cli_args, "gpus_per_run", None) is None \
-            and file.gpus_per_run is not None:
-        # cmd_run reads args.gpus_per_run; the file's value applies unless the flag was given.
-        cli_args.gpus_per_run = file.gpus_per_run
-    return Experiment(name=file.name or path.stem, path=path, specs=specs,
-                      scheduler=file.scheduler, gpus_per_run=file.gpus_per_run)
+    what = (f"{', '.join(map(width, fixed))} {'has' if len(fixed) == 1 else 'have'} a fixed "
+            f"width")
+    if all(m in fixed or m == "fp" for m in methods):
+        raise HarnessError(f"--bits: {what}; drop --bits")
+    print(f"note: --bits applies to {', '.join(m for m in methods if m not in fixed and m != 'fp')}"
+          f"; {what}", file=sys.stderr)

@@ -10,13 +10,20 @@ model is the one the file was made from.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.models import load_model
+from harness.quant.linear import QuantLinear
+from harness.quant.modules import quantized_modules, replace_linears
+from harness.quant.onebit import OneBitLinear
 
 PACKED_FILE = "packed.safetensors"
 FORMAT_VERSION = "1"
@@ -27,8 +34,6 @@ def _is_base_only(name: str) -> bool:
 
 
 def _module_specs(model: nn.Module) -> dict[str, dict]:
-    from harness.quant.modules import quantized_modules
-
     specs = {}
     for name, module in quantized_modules(model):
         specs[name] = {"type": type(module).__name__, **module.packed_spec()}
@@ -43,8 +48,6 @@ def _base_fingerprint(model: nn.Module) -> str:
 
 def save_packed(model: nn.Module, spec, run_dir: Path) -> Path:
     """Writes ``run_dir/packed.safetensors`` and returns its path."""
-    from safetensors.torch import save_file
-
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                if not _is_base_only(k)}
@@ -60,12 +63,8 @@ def save_packed(model: nn.Module, spec, run_dir: Path) -> Path:
 
 def _module_class(kind: str) -> type:
     if kind == "QuantLinear":
-        from harness.quant.linear import QuantLinear
-
         return QuantLinear
     if kind == "OneBitLinear":
-        from harness.quant.onebit import OneBitLinear
-
         return OneBitLinear
     raise HarnessError(f"packed file holds an unknown module type {kind!r}; upgrade lowbit-harness")
 
@@ -80,8 +79,6 @@ def packed_metadata(path: str | Path) -> dict[str, str]:
     Raises:
         HarnessError: missing file, or not a lowbit-harness packed file.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"packed file {path} does not exist; rerun the run or check --output-dir")
@@ -102,11 +99,6 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name
     Raises:
         HarnessError: missing file, or a file made from another base model.
     """
-    from safetensors.torch import load_file
-
-    from harness.models import load_model
-    from harness.quant.modules import replace_linears
-
     path = Path(path)
     meta = packed_metadata(path)
     name = model_name or meta["model"]
@@ -125,7 +117,8 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", model_name
     return model.to(device).eval(), tok, meta
 
 
-def _run_packed_path(store, run) -> Path:
+def run_packed_path(store, run) -> Path:
+    """The packed file of a finished quantized run."""
     path = store.artifacts(run.id).get("packed")
     if run.method == "fp":
         raise HarnessError(f"run {run.run_key} is the unquantized reference (fp); export the base "
@@ -143,9 +136,7 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
     loads without this package. OneBit layers are not linear maps of a dense weight (a
     LayerNorm sits inside), so they export as the packed file only.
     """
-    import shutil
-
-    src = _run_packed_path(store, run)
+    src = run_packed_path(store, run)
     if not packed_only:  # refused before anything is written
         kinds = {spec["type"] for spec in json.loads(packed_metadata(src)["modules"]).values()}
         if dense_less := sorted(k for k in kinds if not hasattr(_module_class(k), "to_linear")):
@@ -160,8 +151,6 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
         shutil.copyfile(src, out_dir / PACKED_FILE)
         if not packed_only:
             model, tok, _meta = load_packed(src, model_name=run.model)
-            from harness.quant.modules import quantized_modules, replace_linears
-
             modules = dict(quantized_modules(model))
             replace_linears(model, list(modules), lambda n, _m: modules[n].to_linear())
             model.save_pretrained(out_dir, safe_serialization=True)
@@ -175,99 +164,3 @@ def export_run(store, run, out_dir: Path, packed_only: bool = False) -> list[Pat
     # tokenizer), new or rewritten
     return sorted(p for p in out_dir.iterdir() if p.is_file() and p.stat().st_mtime >= started)
 
-
-def evaluate_stored_run(store, run, text_file: str | None = None, seq_len: int | None = None,
-                        max_tokens: int | None = None, tasks: str | None = None,
-                        limit: int | None = None, device: str | None = None,
-                        num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
-    """Perplexity (and optional tasks) of a stored run's model on a text file.
-
-    Defaults are the run's own evaluation settings, so on the held-out text it reproduces the
-    PPL the run stored; on ``text_file`` every token is scored unless ``max_tokens`` caps it.
-    """
-    from harness.devices import pick_device
-    from harness.models import load_model
-
-    _check_eval_inputs(text_file, tasks, seq_len, max_tokens, allow_code_eval)
-    dev = pick_device(device)
-    if run.method == "fp":
-        model, tok = load_model(run.model, device=dev)
-    else:
-        model, tok, _ = load_packed(_run_packed_path(store, run), device=dev, model_name=run.model)
-    return _evaluate(model, tok, run.spec.get("eval") or {}, text_file, seq_len, max_tokens,
-                     tasks, limit, num_fewshot, allow_code_eval)
-
-
-def evaluate_path(path: str | Path, text_file: str | None = None, seq_len: int | None = None,
-                  max_tokens: int | None = None, tasks: str | None = None,
-                  limit: int | None = None, device: str | None = None,
-                  num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
-    """:func:`evaluate_stored_run` for an exported model, no database needed: a packed file, a
-    folder holding one (``harness export RUN DIR --packed``) or a dense Hugging Face export.
-    A packed file's base model must be available locally; its run's evaluation settings are
-    the defaults, as for a stored run."""
-    from harness.devices import pick_device
-    from harness.models import load_model
-
-    path = Path(path)
-    packed = path if path.is_file() else path / PACKED_FILE
-    if packed.is_file():
-        eval_spec = json.loads(packed_metadata(packed).get("spec") or "{}").get("eval") or {}
-    elif (path / "config.json").is_file():
-        packed, eval_spec = None, {}
-    else:
-        raise HarnessError(f"{path} holds neither {PACKED_FILE} nor a Hugging Face config.json; "
-                           f"pass a folder written by `harness export` or a packed file")
-    _check_eval_inputs(text_file, tasks, seq_len, max_tokens, allow_code_eval)
-    dev = pick_device(device)
-    if packed is None:
-        model, tok = load_model(str(path), device=dev)
-    else:
-        model, tok, _ = load_packed(packed, device=dev)
-    return _evaluate(model, tok, eval_spec, text_file, seq_len, max_tokens, tasks, limit,
-                     num_fewshot, allow_code_eval)
-
-
-def _check_eval_inputs(text_file: str | None, tasks: str | None, seq_len: int | None,
-                       max_tokens: int | None, allow_code_eval: bool = False) -> None:
-    """Bad task names, windows or a missing text file fail before any model work."""
-    for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens)):
-        if value is not None and value <= 0:
-            raise HarnessError(f"{flag} {value}: must be a positive number of tokens")
-    if tasks:
-        from harness.errors import require_module
-
-        require_module("harness.eval.accuracy", "--tasks").check_task_names(
-            tasks.split(","), allow_code_eval=allow_code_eval)
-    if text_file and not Path(text_file).is_file():
-        raise HarnessError(f"text file {text_file!r} does not exist; pass a readable file")
-
-
-def _evaluate(model, tok, run_eval: dict, text_file: str | None, seq_len: int | None,
-              max_tokens: int | None, tasks: str | None, limit: int | None,
-              num_fewshot: int | None = None, allow_code_eval: bool = False) -> dict:
-    from harness import data
-    from harness.eval.ppl import perplexity
-
-    seq_len = seq_len or run_eval.get("seq_len") or 2048
-    if text_file:
-        from harness.eval.ppl_data import read_text_file
-
-        # The reader of `--ppl-data FILE`, so both give one PPL for one file.
-        text = read_text_file(text_file)
-    else:
-        text = data.split_text("eval")
-        max_tokens = max_tokens or run_eval.get("max_tokens")
-    res = perplexity(model, data.tokenize(tok, text), seq_len=seq_len, max_tokens=max_tokens,
-                     progress=True)
-    out = {"ppl": res.ppl, "tokens": res.tokens}
-    if tasks:
-        from harness.api import NullRecorder
-        from harness.errors import require_module
-
-        evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
-
-        out.update(evaluate_tasks(model, tok, tuple(t for t in tasks.split(",") if t), limit,
-                                  NullRecorder(), num_fewshot=num_fewshot,
-                                  allow_code_eval=allow_code_eval))
-    return out

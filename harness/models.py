@@ -12,14 +12,21 @@ import functools
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.utils import logging as hf_logging
 
 from harness.errors import HarnessError
 from harness.paths import cache_dir
+from harness.quant.modules import decoder_linear_names
 from harness.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -34,8 +41,6 @@ MODELS: Registry[Callable] = Registry("model")
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -55,8 +60,6 @@ def _converted_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / ".complete").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = _smollm2_dir()
     log.info("converting %s to safetensors (once)", SMOLLM2_GGUF)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
@@ -70,8 +73,6 @@ def _converted_smollm2() -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     tmp.rename(target)
     (target / ".complete").touch()
@@ -85,8 +86,6 @@ def load_smollm2(device="cpu", dtype=torch.float32, trust_remote_code=False):
 
 
 def tiny_llama_config(vocab_size: int):
-    from transformers import LlamaConfig
-
     # Small enough for unit tests on 2 cores, shaped like a real llama (GQA, gated MLP) and with
     # input dims that 32/64 divide but 128 does not, like SmolLM2.
     return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=192,
@@ -97,7 +96,7 @@ def tiny_llama_config(vocab_size: int):
 @MODELS.decorator("tiny-llama")
 def load_tiny_llama(device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A randomly initialised 2-layer llama with SmolLM2's tokenizer (seeded, deterministic)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # its modeling module imports triton: built here only
 
     tok = AutoTokenizer.from_pretrained(_converted_smollm2())
     gen_state = torch.random.get_rng_state()
@@ -108,8 +107,6 @@ def load_tiny_llama(device="cpu", dtype=torch.float32, trust_remote_code=False):
 
 
 def _load_pretrained(name: str, device, dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -186,8 +183,6 @@ def _check_hub_id(name: str) -> None:
     """A Hugging Face id must be cached or on a reachable hub. Checked with one request, so a
     typo fails in a line instead of transformers retrying the hub for half a minute (a failed
     check raises, and is not cached)."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-
     others = f"pass a local checkpoint folder or one of: {', '.join(MODELS.names())}"
     try:
         cached = try_to_load_from_cache(name, "config.json")
@@ -212,8 +207,6 @@ def _check_hub_id(name: str) -> None:
 
 def _check_safetensors(path: Path) -> None:
     """Reads only the header: a garbage or truncated file fails here, in one line."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
@@ -225,11 +218,7 @@ def _check_safetensors(path: Path) -> None:
 
 def _check_gguf(path: Path) -> None:
     try:
-        from gguf import GGUFReader
-
         GGUFReader(str(path))
-    except ImportError:
-        return
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"GGUF file {path} is corrupt or truncated ({why[:120]}); "
@@ -247,8 +236,6 @@ def no_cache(model: nn.Module) -> dict:
 def model_config(name: str, trust_remote_code: bool = False):
     """The HF config of ``name`` without loading weights (used to resolve group sizes)."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoTokenizer
-
     if name == "smollm2-135m":
         return AutoConfig.from_pretrained(_converted_smollm2())
     if name == "tiny-llama":
@@ -268,10 +255,6 @@ def model_config(name: str, trust_remote_code: bool = False):
 
 def decoder_in_features(name: str, trust_remote_code: bool = False) -> set[int]:
     """Input dims of every decoder linear of ``name``, from a weightless (meta) instance."""
-    from transformers import AutoModelForCausalLM
-
-    from harness.quant.modules import decoder_linear_names
-
     config = model_config(name, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -25,11 +25,20 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from harness.config import RunSpec
+from harness.devices import pick_device
 from harness.errors import HarnessError
+from harness.host_memory import keep_freed_memory
 from harness.interrupts import explain, reinstall
+from harness.models import load_model
+from harness.recorders import BufferRecorder, replay
+from harness.registry import build_method
+from harness.runner import execute_run, run_dir_for
 from harness.scheduler import Outcome, busy, describe_error
-from harness.store import RunBusy
+from harness.store import Run, RunBusy
+from harness.train.teacher_data import teacher_sequences
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +64,6 @@ class _SpoolList(list):
 
 
 def _spool_recorder(path: Path):
-    from harness.recorders import BufferRecorder
-
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = BufferRecorder()
     rec.records = _SpoolList(open(path, "w", buffering=1))
@@ -73,10 +80,6 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
         ``status``, ``error``, ``metrics``, ``records`` (for :func:`harness.recorders.replay`),
         ``wall_s``, ``device``, ``host``, ``pid``.
     """
-    from harness.devices import pick_device
-    from harness.host_memory import keep_freed_memory
-    from harness.runner import execute_run, run_dir_for
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()  # a Ray worker is a long-lived process of its own
     start = time.perf_counter()
@@ -86,18 +89,14 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
         metrics = execute_run(spec, rec, output_dir, device, progress=False)
         status, error = "finished", None
     except Exception as exc:  # the run fails, the worker and the other runs carry on
-        from harness.errors import HarnessError as _HE
-
         status, error, metrics = "failed", describe_error(exc), {}
-        if not isinstance(exc, _HE):
+        if not isinstance(exc, HarnessError):
             error += "\n" + traceback.format_exc(limit=8)
     finally:
         rec.records.file.close()
     dev = pick_device(device)
     dev_name = "cpu"
     if dev.type == "cuda":
-        import torch
-
         dev_name = f"cuda:{torch.cuda.get_device_name(dev)}"
     return dict(status=status, error=error, metrics=metrics, records=list(rec.records),
                 wall_s=time.perf_counter() - start, device=dev_name,
@@ -112,11 +111,6 @@ def teacher_task(model: str, model_key: str, samples: int, new_tokens: int, temp
     fail with the real message.
     """
     try:
-        from harness.devices import pick_device
-        from harness.host_memory import keep_freed_memory
-        from harness.models import load_model
-        from harness.train.teacher_data import teacher_sequences
-
         keep_freed_memory()
         # One load gives the tokenizer and the teacher (cheap next to generation; on a cache hit
         # the model is simply dropped).
@@ -135,8 +129,6 @@ def teacher_key(spec: RunSpec) -> tuple | None:
     The method says (``needs().teacher_data``, sampled as its training settings ask, which is
     what :func:`harness.train.data.training_blocks` reads); the scheduler knows no method.
     """
-    from harness.registry import build_method
-
     sampling = build_method(spec).needs().teacher_data
     if sampling is None:
         return None
@@ -147,7 +139,7 @@ def teacher_key(spec: RunSpec) -> tuple | None:
 # --- driver side -----------------------------------------------------------------------------
 def _init_ray(ray_address: str | None) -> bool:
     """Starts a local Ray instance (or joins ``ray_address``); returns whether we started it."""
-    import ray
+    import ray  # heavy and optional: this module imports without it (run_with_ray says so)
 
     if ray.is_initialized():
         return False
@@ -192,7 +184,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def _gpus_per_task(requested: float) -> float:
     """``requested`` GPUs per run; 0 means one whole GPU where the cluster has GPUs, else CPU."""
-    import ray
+    import ray  # heavy and optional, as in _init_ray
 
     available = ray.cluster_resources().get("GPU", 0)
     if available <= 0:
@@ -208,7 +200,7 @@ def _gpus_per_task(requested: float) -> float:
 
 
 def _crash_message(exc: BaseException) -> str:
-    import ray.exceptions as rex
+    import ray.exceptions as rex  # heavy and optional, as in _init_ray
 
     died = tuple(getattr(rex, n) for n in ("WorkerCrashedError", "NodeDiedError",
                                            "ActorDiedError", "LocalRayletDiedError",
@@ -265,8 +257,6 @@ def _recover(path: Path, error: str) -> tuple[list, str]:
 
 
 def _set_device(store, run_id: int, device: str) -> None:
-    from harness.store import Run
-
     with store.session() as s, s.begin():
         s.get(Run, run_id).device = device
 
@@ -302,9 +292,6 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
     except ImportError:  # the module imports without Ray so that this can say it in a line
         raise HarnessError("the Ray scheduler needs the package 'ray': install it (pip install "
                            "'ray>=2.30'), or pass --scheduler inline") from None
-
-    from harness.recorders import replay
-    from harness.runner import run_dir_for
 
     output_dir = Path(output_dir).resolve()
     started = _init_ray(ray_address)

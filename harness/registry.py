@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from harness.config import validate_method_config
 from harness.errors import HarnessError
 
 T = TypeVar("T")
@@ -204,7 +205,5 @@ def build_method(spec):
         HarnessError: unknown method, or a config its ``Config`` rejects (one line, naming the
             valid keys).
     """
-    from harness.config import validate_method_config
-
     cls = get_method(spec.method)
     return cls(validate_method_config(cls, spec.config))

@@ -3,12 +3,14 @@ generated blocks of README.md and docs/RESULTS.md (standard library only)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
 from collections.abc import Sequence
 
 from harness.errors import HarnessError
+from harness.stats import mean_std
 
 
 def fmt_num(value, digits: int = 2) -> str:
@@ -100,8 +102,6 @@ def result_rows(entries, fp_ppl: dict[tuple, float]) -> list[list[str]]:
 def replicate_key(spec: dict | None) -> str | None:
     """The spec without its seed: runs with the same key are replicates of one experiment.
     None for a run stored without a spec, which is never grouped with another."""
-    import json
-
     if not spec:
         return None
     return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True,
@@ -118,8 +118,6 @@ def group_replicates(entries) -> list[list[dict]]:
 
 def replicate_cell(group: list[dict], metric: str, digits: int = 2, sep: str = "±") -> str:
     """``mean±std (n=k)`` of a metric over a group's finished runs (std with ddof 1)."""
-    from harness.stats import mean_std
-
     values = [e["metrics"].get(metric) for e in group if e["status"] == "finished"]
     mean, std, n = mean_std(values)
     if n == 0:

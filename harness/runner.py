@@ -11,11 +11,23 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from harness import data
 from harness.api import Calibration, Method, RunContext
 from harness.config import RunSpec
 from harness.devices import pick_device
+from harness.errors import require_module
+from harness.eval import ppl_data
+from harness.eval.memory import model_memory, reset_peaks, window_peaks
+from harness.eval.ppl import perplexity
+from harness.export import save_packed
+from harness.models import load_model
+from harness.registry import build_method
+from harness.train.config import TrainConfig
+from harness.train.data import training_blocks
+from harness.train.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +35,7 @@ log = logging.getLogger(__name__)
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
 
 
 def run_dir_for(output_dir: Path, spec: RunSpec) -> Path:
@@ -44,15 +51,11 @@ class _Timer:
         self.peaks = peaks if peaks is not None else {}
 
     def __enter__(self):
-        from harness.eval.memory import reset_peaks
-
         reset_peaks()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        from harness.eval.memory import window_peaks
-
         self.seconds = time.perf_counter() - self.start
         if exc[0] is None:
             self.recorder.metric(f"time_{self.name}_s", self.seconds)
@@ -65,9 +68,6 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
                   device: torch.device) -> RunContext:
     """A RunContext whose expensive members (calibration, teacher, data) load on first use,
     sized by what ``method`` declares (:meth:`~harness.api.Method.needs`, its ``config``)."""
-    from harness import data
-    from harness.train.config import TrainConfig
-
     cache: dict[str, object] = {}
     # a method that declares none still gets calibration blocks and training data if it asks:
     # the default sizes, as before it could declare them
@@ -82,8 +82,6 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
 
     def teacher():
         if "teacher" not in cache:
-            from harness.models import load_model
-
             t, _ = load_model(spec.model, device=device)
             for p in t.parameters():
                 p.requires_grad_(False)
@@ -91,8 +89,6 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
         return cache["teacher"]
 
     def train_batches(source: str) -> torch.Tensor:
-        from harness.train.data import training_blocks
-
         key = f"train:{source}"
         if key not in cache:
             cache[key] = training_blocks(spec, train_settings, tokenizer, source, teacher,
@@ -109,10 +105,6 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
     """Paper-style perplexity on each of the spec's data sets (each with its 95% interval and
     its per-window NLL for paired comparisons), memory, then the accuracy tasks; returns the
     metrics."""
-    from harness.eval import ppl_data
-    from harness.eval.memory import model_memory
-    from harness.eval.ppl import perplexity
-
     out: dict[str, float] = {}
     mem = model_memory(model)
     for name, value in mem.items():
@@ -139,8 +131,6 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
             recorder.metric("eval_tokens_per_s", res.tokens / max(res.seconds, 1e-9))
         out.update({name: res.ppl, f"{name}_tokens": res.tokens})
     if spec.eval.tasks:
-        from harness.errors import require_module
-
         evaluate_tasks = require_module("harness.eval.accuracy", "--tasks").evaluate_tasks
         out.update(evaluate_tasks(model, tokenizer, spec.eval.tasks, spec.eval.limit, recorder,
                                   num_fewshot=spec.eval.num_fewshot,
@@ -155,10 +145,6 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     Raises:
         HarnessError: bad input discovered while running (the caller marks the run failed).
     """
-    from harness.models import load_model
-    from harness.registry import build_method
-    from harness.train.trainer import train
-
     dev = pick_device(device)
     seed_everything(spec.seed)
     method = build_method(spec)
@@ -179,8 +165,6 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     with _Timer(recorder, "finalize", peaks):
         model = method.finalize(model, ctx)
     if method.quantizes:
-        from harness.export import save_packed
-
         path = save_packed(model, spec, run_dir)
         recorder.artifact("packed", str(path))
     with _Timer(recorder, "eval", peaks):

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from harness.config import RunSpec
-from harness.errors import HarnessError
+from harness.devices import pick_device
+from harness.errors import HarnessError, require_module
 from harness.interrupts import explain
+from harness.recorders import StoreRecorder
+from harness.runner import execute_run, run_dir_for
 from harness.store import RunBusy, Store
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,6 @@ def check_output_dir(output_dir: Path) -> None:
     Raises:
         HarnessError: the folder cannot be created or written (read-only, a file, no permission).
     """
-    import tempfile
-
     if output_dir.exists() and not output_dir.is_dir():
         raise HarnessError(f"output folder {str(output_dir)!r} is a file; pass --output-dir with "
                            f"a writable folder")
@@ -66,9 +70,6 @@ def check_output_dir(output_dir: Path) -> None:
 
 def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
                device: str | None, progress: bool) -> tuple[str, str | None, dict]:
-    from harness.recorders import StoreRecorder
-    from harness.runner import execute_run
-
     try:
         metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress)
         return "finished", None, metrics
@@ -113,14 +114,11 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
                                   metrics=store.metric_dict(existing.id))
         else:
             if force and existing is not None and existing.status == "finished":
-                from harness.runner import run_dir_for
-
                 # --force recomputes: a final-step checkpoint would only be reloaded
                 shutil.rmtree(run_dir_for(output_dir, spec) / "checkpoint", ignore_errors=True)
             pending.append(spec)
     if scheduler == "ray" and pending:
-        from harness.errors import require_module
-
+        # imported by name: harness.ray_scheduler imports this module (Outcome, busy)
         run_with_ray = require_module("harness.ray_scheduler", "the Ray scheduler").run_with_ray
         for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
                                        ray_address, gpus_per_run, cpus_per_run).items():
@@ -143,11 +141,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
 
 
 def _device_name(device: str | None) -> str:
-    from harness.devices import pick_device
-
     dev = pick_device(device)
     if dev.type == "cuda":
-        import torch
-
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     return "cpu"

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sqlite3
+import struct
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -40,8 +42,10 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.pool import NullPool
 
 from harness.errors import HarnessError
+from harness.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +196,10 @@ class Series(Base):
 
 
 def pack_series(values) -> bytes:
-    import struct
-
     return struct.pack(f"<{len(values)}d", *values)
 
 
 def unpack_series(data: bytes) -> list[float]:
-    import struct
-
     return list(struct.unpack(f"<{len(data) // 8}d", data))
 
 
@@ -290,10 +290,6 @@ def _readonly_sqlite(path: Path) -> Engine:
     (read-only media, another user's results) has no shared-memory file to create: SQLite
     opens it only as immutable, which is tried next (no live updates, nothing to update).
     """
-    import sqlite3
-
-    from sqlalchemy.pool import NullPool
-
     uri = path.resolve().as_uri() + "?mode=ro"
     try:
         with closing(sqlite3.connect(uri, uri=True, timeout=READONLY_BUSY_S)) as con:
@@ -354,8 +350,6 @@ class Store:
             return self._begin_run(spec, experiment_id, device)
 
     def _begin_run(self, spec, experiment_id: int | None, device: str | None) -> Run:
-        from harness.versions import package_versions
-
         h = spec.spec_hash()
         with self.session() as s, s.begin():
             run = s.scalar(select(Run).where(Run.spec_hash == h))
@@ -450,8 +444,6 @@ class Store:
     def series(self, run_id: int, name: str | None = None) -> dict[tuple[str, str], list[float]]:
         """``{(name, task): values}`` of a run; empty for databases written before series
         existed (a read-only store does not create the table)."""
-        from sqlalchemy import inspect
-
         if not inspect(self.engine).has_table(Series.__tablename__):
             return {}
         with self.session() as s:

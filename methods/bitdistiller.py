@@ -16,6 +16,7 @@ from pydantic import Field
 
 from harness.models import no_cache
 from harness.registry import register_method
+from harness.train.losses import gamma_code, gamma_paper
 from methods.qat import QAT, QATConfig, make_objective
 
 GAMMA_BATCHES = 11  # the reference code averages its estimate over 11 batches
@@ -33,8 +34,6 @@ def estimate_gamma(variant: str, ctx, batch_size: int, data_kind: str = "teacher
     its training part: the held-out slice is not seen, as in the reference, which estimates on
     its train split), over its first ``GAMMA_BATCHES`` batches: the reference code's sample,
     for both variants."""
-    from harness.train.losses import gamma_code, gamma_paper
-
     data = ctx.train_batches(data_kind)
     teacher = ctx.teacher()
     logits = []

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from harness.api import Calibration, Needs
 from harness.models import no_cache
+from harness.quant.clip import clip_search, reference_skips
+from harness.quant.modules import decoder_linear_names
 from harness.registry import register_method
 from methods.rtn import RTN
 from methods.weightquant import WeightQuantConfig
@@ -72,9 +74,6 @@ def capture_inputs(model, names: list[str], batches: torch.Tensor, n_tokens: int
 
 def clip_model(model, config: ClipConfig, ctx) -> None:
     """Clamps every decoder linear's weight in place at its searched range; logs layer stats."""
-    from harness.quant.clip import clip_search, reference_skips
-    from harness.quant.modules import decoder_linear_names
-
     names = decoder_linear_names(model)
     inputs = capture_inputs(model, names, ctx.calibration(), config.clip_tokens, ctx.spec.seed)
     modules = dict(model.named_modules())

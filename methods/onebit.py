@@ -12,8 +12,13 @@ from typing import Literal
 from pydantic import Field
 
 from harness.api import Method, MethodConfig, Needs, Objective, TeacherSampling
+from harness.quant.modules import decoder_linear_names, replace_linears
+from harness.quant.onebit import OneBitLinear, rank1_svd_error, svid_error
 from harness.registry import register_method
 from harness.train.config import TrainConfig
+from harness.train.losses import onebit_loss
+from methods.clip import _split
+from methods.weightquant import pack_all
 
 
 class OneBitConfig(MethodConfig):
@@ -50,10 +55,6 @@ class OneBit(Method):
         return Needs(teacher_data=teacher_data, teacher_model=True)
 
     def prepare(self, model, ctx):
-        from harness.quant.modules import decoder_linear_names, replace_linears
-        from harness.quant.onebit import OneBitLinear, rank1_svd_error, svid_error
-        from methods.clip import _split
-
         def convert(name, linear):
             module = OneBitLinear.from_linear(linear, init=self.config.init)
             layer, short = _split(name)
@@ -66,8 +67,6 @@ class OneBit(Method):
         return replace_linears(model, decoder_linear_names(model), convert)
 
     def objective(self, ctx):
-        from harness.train.losses import onebit_loss
-
         cfg = self.config
 
         def loss(inputs):
@@ -78,6 +77,4 @@ class OneBit(Method):
         return Objective(loss=loss, needs_teacher=True, needs_hidden_states=True, data=cfg.data)
 
     def finalize(self, model, ctx):
-        from methods.weightquant import pack_all
-
         return pack_all(model)

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from harness.api import Objective, TeacherSampling
 from harness.registry import register_method
 from harness.train.config import TrainConfig
+from harness.train.losses import LOSSES, get_loss
 from methods.clip import Clip, ClipConfig
 
 #: BitDistiller's reference training (train/train.sh, config/zero.json): AdamW at 8e-6 constant
@@ -38,8 +39,6 @@ class QATConfig(ClipConfig):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
-        from harness.train.losses import LOSSES
-
         if v not in LOSSES:
             raise ValueError(f"unknown loss {v!r}; use one of {', '.join(LOSSES.names())}")
         return v
@@ -47,8 +46,6 @@ class QATConfig(ClipConfig):
 
 def make_objective(config, ctx, gamma: float | None = None) -> Objective:
     """An Objective for ``config.loss``; teacher-based losses ask the trainer for the teacher."""
-    from harness.train.losses import get_loss
-
     fn = get_loss(config.loss)
     params = dict(config.loss_params)
     if gamma is not None:

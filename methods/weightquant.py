@@ -13,6 +13,9 @@ from torch import nn
 
 from harness.api import MethodConfig
 from harness.errors import HarnessError
+from harness.quant.formats import FORMATS, QuantFormat, _format_class
+from harness.quant.linear import QuantLinear
+from harness.quant.modules import decoder_linear_names, quantized_modules, replace_linears
 
 
 class WeightQuantConfig(MethodConfig):
@@ -52,8 +55,6 @@ class WeightQuantConfig(MethodConfig):
     @field_validator("fmt")
     @classmethod
     def _known_format(cls, v: str) -> str:
-        from harness.quant.formats import FORMATS
-
         if v not in FORMATS:  # the registry's message: the known formats, the closest one
             try:
                 FORMATS.get(v)
@@ -67,8 +68,6 @@ class WeightQuantConfig(MethodConfig):
         return self
 
     def qformat(self):
-        from harness.quant.formats import QuantFormat
-
         params = {"scaling": self.scaling} if self.scaling is not None else {}
         return QuantFormat(fmt=self.fmt, bits=self.bits,
                            group_size=self.group_size if self.group_size is not None else -1,
@@ -79,8 +78,6 @@ def _format_defaults(values: dict) -> dict:
     """A fixed-width format's own bits and its parameters' defaults, filled in before
     validation so that the stored config names them. Bits the user set that the format
     cannot take are an error here, in one line, rather than a nested validation error."""
-    from harness.quant.formats import FORMATS, _format_class
-
     fmt = values["fmt"]
     if fmt == "binary":
         raise HarnessError("fmt=binary is OneBit's layer, not a weight grid; use --methods onebit")
@@ -97,9 +94,6 @@ def _format_defaults(values: dict) -> dict:
 
 def to_quant_linears(model: nn.Module, config: WeightQuantConfig) -> nn.Module:
     """Replaces every decoder linear with a training-form ``QuantLinear`` (in place)."""
-    from harness.quant.linear import QuantLinear
-    from harness.quant.modules import decoder_linear_names, replace_linears
-
     qformat = config.qformat()
     return replace_linears(
         model, decoder_linear_names(model),
@@ -109,8 +103,6 @@ def to_quant_linears(model: nn.Module, config: WeightQuantConfig) -> nn.Module:
 
 def pack_all(model: nn.Module) -> nn.Module:
     """Converts every quantized module to its packed storage form (what is evaluated/saved)."""
-    from harness.quant.modules import quantized_modules
-
     for _name, module in quantized_modules(model):
         module.pack()
     return model

@@ -456,11 +456,12 @@ def test_checkpoint_of_another_spec_is_not_resumed(tmp_path):
     by construction; the reachable case is a checkpoint copied (or left) in another run's
     folder. It used to be loaded silently (same parameter names and shapes); now it fails."""
     from harness.cli import build_parser
-    from harness.commands import _specs_from_flags
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
 
     argv = ["run", "--no-fp", "--methods", "qat", *QUICK, *TRAIN,
             "--db", f"sqlite:///{tmp_path / 'h.db'}", "--output-dir", tmp_path / "runs"]
-    [spec] = _specs_from_flags(build_parser().parse_args(list(map(str, argv))))
+    [spec] = plan_runs(Experiment.from_flags(build_parser().parse_args(list(map(str, argv)))))
     ckpt = tmp_path / "runs" / spec.run_key / "checkpoint"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"step": 1, "spec_hash": "0" * 64}))

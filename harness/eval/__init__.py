@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, memory, accuracy (lm-eval, imported lazily)."""
+"""Evaluation: perplexity, memory, accuracy (lm-eval, imported lazily), saved models."""

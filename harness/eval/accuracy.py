@@ -10,6 +10,7 @@ a standard suite whose data is not in the local Hugging Face cache is a one-line
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import logging
 import math
@@ -62,8 +63,6 @@ def check_task_names(tasks, allow_code_eval: bool = False) -> tuple[str, ...]:
         raise HarnessError(f"no tasks given; use some of: {', '.join(available_tasks())}")
     for name in names:
         if name not in OFFLINE_TASKS and name not in STANDARD_TASKS:
-            import difflib
-
             close = difflib.get_close_matches(name, available_tasks(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise HarnessError(
@@ -103,7 +102,7 @@ def _quiet_loggers():
 
 
 def _task_manager(names: tuple[str, ...]):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval is heavy and optional: only for --tasks
 
     # Indexing lm-eval's thousands of built-in YAMLs takes seconds: only when a suite needs it.
     standard = any(n not in OFFLINE_TASKS for n in names)
@@ -186,7 +185,7 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None, recorder,
     _offline_env()
     if not verbose:
         _quiet_loggers()
-    try:
+    try:  # lm-eval is heavy and optional: imported only when tasks run
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ModuleNotFoundError as exc:
@@ -226,7 +225,7 @@ def _no_git_lookup():
     repository git prints "fatal: not a git repository" on the terminal (a child process, past
     any redirect), and inside one it records whichever repository the user stands in. The
     harness records its own versions, so the lookup is skipped."""
-    import lm_eval.evaluator as evaluator
+    import lm_eval.evaluator as evaluator  # heavy and optional, as above
 
     if not hasattr(evaluator, "get_git_commit_hash"):  # other lm-eval versions
         yield

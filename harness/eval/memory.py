@@ -8,6 +8,8 @@ import sys
 import torch
 from torch import nn
 
+from harness.quant.modules import quantized_modules
+
 
 def model_memory(model: nn.Module) -> dict[str, float]:
     """Bytes of packed quantized layers and of everything else.
@@ -16,8 +18,6 @@ def model_memory(model: nn.Module) -> dict[str, float]:
     Every other parameter and persistent buffer counts at 2 bytes per element — fp16/bf16, the
     way a full-precision checkpoint is stored and compared — with tied tensors counted once.
     """
-    from harness.quant.modules import quantized_modules
-
     qmods = dict(quantized_modules(model))
     quantized_bytes = sum(m.packed_nbytes() for m in qmods.values())
     quantized_weights = sum(m.num_weights for m in qmods.values())

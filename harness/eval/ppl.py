@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from harness.errors import HarnessError
 from harness.models import no_cache
+from harness.stats import ppl_interval
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,6 @@ class PPLResult:
 
     def interval(self) -> tuple[float, float] | None:
         """95% bootstrap interval of the PPL over windows (None for a single window)."""
-        from harness.stats import ppl_interval
-
         return ppl_interval(self.window_nll)
 
 
@@ -69,8 +69,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048,
     start = time.perf_counter()
     batches = range(0, n_windows, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc=desc, unit="win", leave=False)
     was_training = model.training
     model.eval()

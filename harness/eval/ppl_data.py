@@ -268,7 +268,7 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 
 def _parquet_texts(path: Path) -> list[str]:
-    try:
+    try:  # optional: only .parquet files need pyarrow
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
         raise HarnessError(f"reading {path.name} needs pyarrow; pip install pyarrow, or pass "
@@ -305,7 +305,7 @@ def _check_file(entry: str) -> Path:
 
 def _datasets(entry: str):
     offline_env()
-    try:
+    try:  # optional, and it must come after offline_env(), which it reads when imported
         import datasets
         import datasets.naming
     except ModuleNotFoundError:
@@ -398,6 +398,7 @@ def _c4_shard() -> Path:
     command = (f"HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 python -c \"import datasets; "
                f"datasets.load_dataset({C4_REPO!r}, data_files={{'validation': {C4_FILE!r}}}, "
                f"split='validation')\"")
+    # after _datasets(): huggingface_hub reads HF_HUB_OFFLINE when first imported
     import huggingface_hub
     from huggingface_hub import constants
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from harness.quant.linear import QuantLinear
-from harness.quant.onebit import OneBitLinear
+from harness.quant.onebit import OneBitLinear, effective_weights
+from harness.quant.primitives import _triton_ok
 
 
 def _kernel_device(t: torch.Tensor) -> bool:
@@ -66,14 +67,12 @@ class BatchedFakeQuant(_PerPassWeights):
     layer_type = QuantLinear
 
     def __init__(self, model: nn.Module) -> None:
-        from harness.quant.primitives import _triton_ok
-
         super().__init__(model)
         self.enabled = _triton_ok()
 
     def batches(self) -> dict[tuple, list[QuantLinear]]:
         """Training-state layers grouped by everything one launch must share."""
-        from harness.quant.triton_fq import aligned
+        from harness.quant.triton_fq import aligned  # imports triton: CUDA machines only
 
         out: dict[tuple, list[QuantLinear]] = defaultdict(list)
         for m in self.layers:
@@ -89,7 +88,7 @@ class BatchedFakeQuant(_PerPassWeights):
     def _before(self, module, args) -> None:
         if not self.enabled:
             return
-        from harness.quant.triton_fq import fake_quantize_many
+        from harness.quant.triton_fq import fake_quantize_many  # imports triton, as above
 
         for (fmt, bits, group, sym, detach, _dtype, device), layers in self.batches().items():
             out_dtype = None
@@ -115,8 +114,6 @@ class BatchedOneBit(_PerPassWeights):
     chunk_weights = 1 << 25
 
     def _before(self, module, args) -> None:
-        from harness.quant.onebit import effective_weights
-
         groups: dict[tuple, list[OneBitLinear]] = defaultdict(list)
         for m in self.layers:
             if not m.is_packed and m.weight.dtype in (torch.float32, torch.bfloat16,

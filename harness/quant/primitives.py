@@ -11,11 +11,13 @@ Formulas are ../shared/METHODS.md's. Groups run along each row's input dimension
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.errors import HarnessError
+from harness.quant.fused import IntFakeQuant, NF3FakeQuant
 from harness.quant.grid import (
     NF3_LEVELS,
     div_exact,
@@ -85,14 +87,12 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
     check_grid(fmt, bits, symmetric)
     if fused and w.is_cuda and scale_dtype in (None, torch.float16) and _triton_ok():
         grouped(w, group_size)  # validates shape and group size with the usual errors
-        from harness.quant.triton_fq import fake_quantize_triton
+        from harness.quant.triton_fq import fake_quantize_triton  # imports triton: CUDA only
 
         return fake_quantize_triton(w, fmt, bits, group_size, symmetric, detach_scales,
                                     scale_dtype, out_dtype)
     x = grouped(w.float(), group_size)
     if fmt == "nf3" and fused and torch.is_grad_enabled() and w.requires_grad:
-        from harness.quant.fused import NF3FakeQuant
-
         out = NF3FakeQuant.apply(x, detach_scales, scale_dtype)
     elif fmt == "nf3" and not (torch.is_grad_enabled() and w.requires_grad):
         mx, mn = _nf3_params(x, scale_dtype)  # no graph: the clip search's and packing's path
@@ -114,8 +114,6 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
         else:
             out = exact
     elif fused and torch.is_grad_enabled() and w.requires_grad:
-        from harness.quant.fused import IntFakeQuant
-
         out = IntFakeQuant.apply(x, bits, symmetric, detach_scales, scale_dtype)
     else:
         scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
@@ -135,8 +133,6 @@ def _triton_ok() -> bool:
     """Triton importable (CUDA machines); checked once. The CPU path never imports it."""
     global _TRITON
     if _TRITON is None:
-        import importlib.util
-
         _TRITON = importlib.util.find_spec("triton") is not None
     return _TRITON
 

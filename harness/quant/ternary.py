@@ -24,6 +24,7 @@ import torch
 from harness.errors import HarnessError
 from harness.quant.formats import Format, register_format
 from harness.quant.grid import round_half_away, round_scale
+from harness.quant.primitives import QParams, grouped
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -93,14 +94,10 @@ class TernaryFormat(Format):
         return f"ternary({self.scaling}) g{self.group_size}"
 
     def _groups(self, w: torch.Tensor) -> torch.Tensor:
-        from harness.quant.primitives import grouped
-
         return grouped(w.float(), self.group_size)
 
     @torch.no_grad()
     def quantize(self, w, scale_dtype=torch.float16):
-        from harness.quant.primitives import QParams
-
         xg = self._groups(w)
         s = ternary_scales(xg, self.scaling, scale_dtype)
         codes = (ternary_trits(xg, s) + 1).to(torch.uint8)
@@ -109,8 +106,6 @@ class TernaryFormat(Format):
                        {"scaling": self.scaling})
 
     def dequantize(self, q, dtype=torch.float32):
-        from harness.quant.primitives import grouped
-
         x = grouped(q.codes, q.group_size).float()
         return ((x - 1) * q.scales.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
 

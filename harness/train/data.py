@@ -7,14 +7,12 @@ out. Both come from one split, so no token is in both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from harness import data
 from harness.errors import HarnessError
-
-if TYPE_CHECKING:
-    from harness.train.config import TrainConfig
+from harness.train.config import TrainConfig
+from harness.train.teacher_data import teacher_sequences
 
 SOURCES = ("corpus", "teacher")
 HOLDOUT = "holdout"
@@ -56,8 +54,6 @@ def training_blocks(spec, train: TrainConfig, tokenizer, source: str, teacher,
 
 
 def _corpus_split(spec, tokenizer, _teacher, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    from harness import data
-
     needed = max(1, cfg.steps * cfg.batch_size * cfg.grad_accum)
     blocks = data.token_blocks(tokenizer, "train", cfg.seq_len, None, seed=spec.seed)
     # The corpus has far more blocks than a run reads: the held-out ones are blocks the run
@@ -72,8 +68,6 @@ def _corpus_split(spec, tokenizer, _teacher, cfg) -> tuple[torch.Tensor, torch.T
 
 
 def _teacher_split(spec, tokenizer, teacher, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    from harness.train.teacher_data import teacher_sequences
-
     seqs = teacher_sequences(spec.model_key, teacher, tokenizer, cfg.teacher_samples,
                              cfg.teacher_new_tokens, cfg.temperature, seed=0,
                              top_k=cfg.teacher_top_k, top_p=cfg.teacher_top_p)

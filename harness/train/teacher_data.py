@@ -15,9 +15,17 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from harness import data
+from harness.config import default_profile, get_profile
+from harness.devices import pick_device
 from harness.errors import HarnessError
+from harness.models import load_model
 from harness.paths import cache_dir
+from harness.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +34,6 @@ PROMPT_TOKENS = 32
 
 def make_prompts(tokenizer, n: int, seed: int, prompt_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
     """``[n, prompt_tokens]`` prompts cut at random line starts of the training plays."""
-    from harness import data
-
     ids = data.split_ids(tokenizer, "train")
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     gen = torch.Generator().manual_seed(seed)
@@ -48,8 +54,6 @@ SAMPLING_BEFORE_TOP_K = {"top_k": 0, "top_p": 1.0}
 
 def sampling_defaults() -> dict[str, float]:
     """``{temperature, top_k, top_p}`` a run samples with unless its train settings say else."""
-    from harness.train.config import TrainConfig
-
     fields = TrainConfig.model_fields
     return {"temperature": fields["temperature"].default,
             "top_k": fields["teacher_top_k"].default, "top_p": fields["teacher_top_p"].default}
@@ -99,8 +103,6 @@ def generate(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperatu
     out = []
     batches = range(0, prompts.size(0), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="teacher data", unit="batch")
     eos = tokenizer.eos_token_id
     for i in batches:
@@ -122,9 +124,6 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
     Raises:
         HarnessError: the cache file was written for another model.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     sampling = {k: v if given[k] is None else given[k] for k, v in sampling_defaults().items()}
     temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
@@ -151,10 +150,6 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
 
 
 def generate_cli(args) -> int:
-    from harness.config import default_profile, get_profile
-    from harness.devices import pick_device
-    from harness.models import load_model
-
     if args.temperature <= 0:
         raise HarnessError(f"--temperature {args.temperature}: sampling needs a temperature "
                            f"above 0 (default 0.7)")

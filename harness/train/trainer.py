@@ -13,19 +13,25 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from harness import interrupts
 from harness.api import Objective, ObjectiveInputs, RunContext
 from harness.errors import HarnessError, TrainingDiverged
 from harness.models import no_cache
+from harness.quant.batched import BatchedFakeQuant, BatchedOneBit
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 from harness.train.config import TrainConfig
+from harness.train.data import holdout_source
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +111,6 @@ class Checkpointer:
 
     def save(self, step: int, model, opt, sched, train_s: float = 0.0,
              loss: float | None = None, selection: _Selection | None = None) -> None:
-        from safetensors.torch import save_file
-
         tmp = self.dir.with_name("checkpoint.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
@@ -122,14 +126,10 @@ class Checkpointer:
             state["spec_hash"] = self.spec_hash
         (tmp / "state.json").write_text(json.dumps(state))
         if self.dir.exists():
-            import shutil
-
             shutil.rmtree(self.dir)
         tmp.rename(self.dir)  # atomic swap: a crash mid-save leaves the previous checkpoint
 
     def load(self, model, opt, sched, selection: _Selection | None = None) -> int:
-        from safetensors.torch import load_file
-
         try:
             meta = json.loads((self.dir / "state.json").read_text())
             step = int(meta["step"])
@@ -178,12 +178,7 @@ def check_micro_batch_memory(model: nn.Module, cfg: TrainConfig, device: torch.d
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        try:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        except ImportError:
-            return
+        free = psutil.virtual_memory().available
     if need > free:
         raise HarnessError(
             f"train.batch_size={cfg.batch_size} x train.seq_len={cfg.seq_len} needs about "
@@ -308,8 +303,6 @@ def _batched_weights(model: nn.Module, device: torch.device) -> list:
     1.07x / 1.01x batched (docs/RESULTS.md, "GPU, second session")."""
     if os.environ.get("HARNESS_BATCHED_WEIGHTS", "1") == "0":
         return []
-    from harness.quant.batched import BatchedFakeQuant, BatchedOneBit
-
     hooks = [BatchedOneBit(model)]
     if device.type == "cuda":
         hooks.append(BatchedFakeQuant(model))
@@ -443,8 +436,6 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     Raises:
         TrainingDiverged: the loss became NaN/inf (the run is marked failed).
     """
-    from harness.train.data import holdout_source
-
     device = ctx.device
     compile_options()  # a bad HARNESS_COMPILE fails the run before any work
     set_embeddings_trainable(model, cfg.trainable)
@@ -481,8 +472,6 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     model.train()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {ctx.spec.method}", unit="step")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
     batched = _batched_weights(model, device)

@@ -103,26 +103,30 @@ def test_runs_score_the_offline_tasks_unless_told_not_to():
     tests/eval/test_accuracy.py); `--tasks ""`, which the runs in this file pass to stay fast,
     leaves it out."""
     from harness.cli import build_parser
-    from harness.commands import _specs_from_flags
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
 
-    base = ["run", "--methods", "rtn", "--profile", "quick", *QUICK]
-    [spec] = _specs_from_flags(build_parser().parse_args(base))
+    def plan(argv):
+        return plan_runs(Experiment.from_flags(build_parser().parse_args(argv)))
+
+    base = ["run", "--methods", "rtn", "--profile", "quick", "--no-fp", *QUICK]
+    [spec] = plan(base)
     assert spec.eval.tasks == ("shakespeare_cloze", "shakespeare_nextline")
     assert spec.eval.limit == 50
-    [spec] = _specs_from_flags(build_parser().parse_args([*base, "--tasks", ""]))
+    [spec] = plan([*base, "--tasks", ""])
     assert spec.eval.tasks == ()
 
 
 def test_bits_with_a_fixed_width_method_is_noted(capsys):
     """`--methods bitdistiller,onebit --bits 2` compares 2-bit BitDistiller with 1-bit OneBit:
     a note says so; fp (the reference) never needs one. onebit alone: tests/test_bad_inputs."""
-    from harness.commands import _check_bits_apply
+    from harness.experiments import check_bits_apply
 
-    _check_bits_apply(["bitdistiller", "onebit"], [2])
+    check_bits_apply(["bitdistiller", "onebit"], [2])
     err = capsys.readouterr().err
     assert "applies to bitdistiller" in err and "onebit (1 bit) has a fixed width" in err
-    _check_bits_apply(["fp", "rtn"], [2])
-    _check_bits_apply(["onebit"], None)
+    check_bits_apply(["fp", "rtn"], [2])
+    check_bits_apply(["onebit"], None)
     assert capsys.readouterr().err == ""
 
 

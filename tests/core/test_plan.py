@@ -127,3 +127,128 @@ def test_a_local_folder_is_its_absolute_path_and_its_files(tmp_path, monkeypatch
     assert retrained.model_key != specs["a"].model_key  # teacher data is another cache entry
     # the FP reference is of the checkpoint the run quantized, not of what the folder holds now
     assert fp_reference(specs["a"]).model_fingerprint == specs["a"].model_fingerprint
+
+
+# --- plan_runs: the one expansion of flags and files ------------------------------------------
+
+def _flags(*argv: str):
+    from harness.cli import build_parser
+
+    return build_parser().parse_args(["run", *argv])
+
+
+def _from_flags(*argv: str) -> list:
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
+
+    return plan_runs(Experiment.from_flags(_flags(*argv)))
+
+
+def _from_file(tmp_path, text: str, *argv: str) -> list:
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return plan_runs(Experiment.from_yaml(path).with_flags(_flags(str(path), *argv)))
+
+
+TINY = ["--model", "tiny-llama", "--profile", "quick"]
+
+# (flags of `harness run`, the same experiment as a file, flags after the file, runs planned)
+EQUIVALENT = {
+    "grid with a per-method setting": (
+        [*TINY, "--methods", "rtn,qat", "--bits", "3,2", "--max-eval-tokens", "128",
+         "--seq-len", "64", "--set", "train.steps=2"],
+        """
+model: tiny-llama
+profile: quick
+eval: {max_tokens: 128, seq_len: 64}
+methods: {rtn: {}, qat: {train: {steps: 2}}}
+grid: {bits: [3, 2]}
+""", [], 5),
+    "fixed widths, replicates, one group size": (
+        [*TINY, "--methods", "bitdistiller,onebit,fp", "--seeds", "0,1", "--group-size", "32",
+         "--tasks", ""],
+        """
+model: tiny-llama
+profile: quick
+seeds: [0, 1]
+eval: {tasks: []}
+methods: {bitdistiller: {}, onebit: {}, fp: {}}
+grid: {group_size: [32]}
+""", [], 5),
+    "evaluation settings, no reference": (
+        ["--model", "tiny-llama", "--profile", "full", "--methods", "rtn", "--no-fp",
+         "--seed", "3", "--ppl-data", "shakespeare,wikitext2", "--num-fewshot", "0",
+         "--tasks", "shakespeare_cloze", "--limit", "5"],
+        """
+model: tiny-llama
+profile: full
+seed: 3
+eval: {ppl_data: [shakespeare, wikitext2], num_fewshot: 0, tasks: [shakespeare_cloze],
+       limit: 5}
+methods: {rtn: {}}
+""", ["--no-fp"], 1),
+    "make run": (["--methods", "bitdistiller,onebit", "--profile", "quick"],
+                 "profile: quick\nmethods: {bitdistiller: {}, onebit: {}}\n", [], 3),
+}
+
+
+@pytest.mark.parametrize("flags,text,file_flags,n", EQUIVALENT.values(), ids=EQUIVALENT)
+def test_flags_and_the_equivalent_file_plan_the_same_runs(tmp_path, flags, text, file_flags,
+                                                           n):
+    by_flags = [s.spec_hash() for s in _from_flags(*flags)]
+    assert by_flags == [s.spec_hash() for s in _from_file(tmp_path, text, *file_flags)]
+    assert len(by_flags) == n
+
+
+def test_planned_runs_keep_the_pinned_run_keys(tmp_path):
+    """The FP and RTN w3 quick runs of SmolLM2 in docs/results, through the planner: the
+    automatic group size of SmolLM2 is 64."""
+    pinned = ["41433650d34a", "24afcec20a77"]
+    assert [s.run_key for s in _from_flags("--methods", "rtn", "--bits", "3",
+                                           "--profile", "quick")] == pinned
+    file = "model: smollm2-135m\nprofile: quick\nmethods: {rtn: {}}\ngrid: {bits: [3]}\n"
+    assert [s.run_key for s in _from_file(tmp_path, file)] == pinned
+
+
+def test_one_fp_reference_per_model_and_evaluation_first(tmp_path):
+    specs = _from_flags(*TINY, "--methods", "rtn,qat", "--bits", "3,2", "--seeds", "0,1")
+    assert [s.method for s in specs].count("fp") == 1 and specs[0].method == "fp"
+    assert specs[0] == fp_reference(specs[1])
+    # fp asked for is planned where it was asked for, not twice
+    assert [s.method for s in _from_flags(*TINY, "--methods", "rtn,fp")] == ["rtn", "fp"]
+    assert "fp" not in [s.method for s in _from_flags(*TINY, "--methods", "rtn", "--no-fp")]
+    two = _from_file(tmp_path, "models: [tiny-llama, smollm2-135m]\nprofile: quick\n"
+                               "methods: {rtn: {}}\n")
+    assert [(s.method, s.model) for s in two] == [
+        ("fp", "tiny-llama"), ("fp", "smollm2-135m"), ("rtn", "tiny-llama"),
+        ("rtn", "smollm2-135m")]
+
+
+def test_a_file_flag_given_as_zero_overrides_the_file(tmp_path):
+    """``--num-fewshot 0`` after a file that says 5 is zero-shot, as without a file (it was
+    taken for "not given")."""
+    text = "model: tiny-llama\nprofile: quick\neval: {num_fewshot: 5}\nmethods: {rtn: {}}\n"
+    [spec] = _from_file(tmp_path, text, "--no-fp", "--num-fewshot", "0")
+    assert spec.eval.num_fewshot == 0
+    [spec] = _from_file(tmp_path, text, "--no-fp")
+    assert spec.eval.num_fewshot == 5
+
+
+def test_planning_modules_import_no_private_names():
+    """Planning sits below the CLI layer: experiments and plan never reach into commands, and
+    no planning module borrows another module's private helpers."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "harness"
+    for name in ("cli", "commands", "config", "experiments", "plan"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"harness/{name}.py imports {private} from {node.module}"
+                if name in ("experiments", "plan", "config"):
+                    assert node.module != "harness.commands", f"harness/{name}.py"

@@ -227,7 +227,7 @@ def test_malformed_files_are_one_line_errors(tmp_path):
 
 def test_text_flag_and_ppl_data_file_give_one_ppl(tmp_path, tiny, hf):
     from harness.eval.ppl import perplexity
-    from harness.export import _evaluate
+    from harness.eval.saved import _evaluate
 
     model, tok = tiny
     texts = [data.split_text("calibration")[i * 120:(i + 1) * 120] for i in range(3)]

@@ -28,10 +28,12 @@ def harness(*args, **kw):
 
 
 def test_teacher_key_matches_training_blocks():
-    from harness.experiments import load_experiment
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
     from harness.ray_scheduler import teacher_key
 
-    specs = {s.method: s for s in load_experiment(ROOT / "experiments/smollm2-default.yaml").specs}
+    specs = {s.method: s for s in plan_runs(Experiment.from_yaml(
+        ROOT / "experiments/smollm2-default.yaml"))}
     assert teacher_key(specs["bitdistiller"]) == ("smollm2-135m", "smollm2-135m", 64, 256, 0.7,
                                                   50, 1.0)
     assert teacher_key(specs["onebit"]) == teacher_key(specs["bitdistiller"])
@@ -41,7 +43,8 @@ def test_teacher_key_matches_training_blocks():
     vllm_like = bd.model_copy(update={"config": {**bd.config, "train": {
         **bd.config["train"], "teacher_top_k": 0}}})
     assert teacher_key(vllm_like)[5:] == (0, 1.0)
-    rtn = load_experiment(ROOT / "experiments/smoke.yaml").specs[0]
+    rtn = next(s for s in plan_runs(Experiment.from_yaml(ROOT / "experiments/smoke.yaml"))
+               if s.method == "rtn")
     assert teacher_key(rtn) is None
 
 
@@ -147,13 +150,14 @@ def _worker_pid(name: str, timeout: float = 240) -> int:
 
 
 def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path, ray_head):
-    from harness.experiments import load_experiment
+    from harness.experiments import Experiment
+    from harness.plan import plan_runs
     from harness.ray_scheduler import WORKER_DIED
     from harness.store import Store
 
     exp_file = tmp_path / "kill.yaml"
     exp_file.write_text(KILL)
-    qat = next(s for s in load_experiment(exp_file).specs if s.method == "qat")
+    qat = next(s for s in plan_runs(Experiment.from_yaml(exp_file)) if s.method == "qat")
     db = f"sqlite:///{tmp_path / 'x.db'}"
     out = tmp_path / "runs"
     args = ["run", exp_file, "--no-fp", "--db", db, "--output-dir", out,
