@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def specs(n: int):
     from harness.models import decoder_in_features
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
 
     dims = decoder_in_features("tiny-llama")
     ev = {"max_tokens": 64, "seq_len": 32, "tasks": ()}
@@ -33,7 +33,7 @@ def specs(n: int):
 
 
 def timed(scheduler: str, n: int, root: Path, tag: str, cpus_per_run: float = 1.0) -> float:
-    from harness.scheduler import execute
+    from harness.orchestration.scheduler import execute
     from harness.store import Store
 
     store = Store(f"sqlite:///{root / (tag + '.db')}")

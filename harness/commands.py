@@ -10,7 +10,8 @@ from harness.errors import HarnessError
 
 
 def cmd_run(args) -> int:
-    from harness.plan import plan_runs
+    from harness.orchestration.plan import plan_runs
+    from harness.orchestration.scheduler import check_output_dir, execute
     from harness.report import (
         RESULT_HEADERS,
         fp_references,
@@ -18,7 +19,6 @@ def cmd_run(args) -> int:
         result_rows,
         table,
     )
-    from harness.scheduler import check_output_dir, execute
     from harness.store import Store
 
     experiment = _experiment_of(args)
@@ -73,9 +73,9 @@ def _experiment_of(args):
     from harness.errors import require_module
 
     if args.experiment:
-        experiments = require_module("harness.experiments", "experiment files")
+        experiments = require_module("harness.orchestration.experiments", "experiment files")
         return experiments.Experiment.from_yaml(args.experiment).with_flags(args)
-    from harness.experiments import Experiment
+    from harness.orchestration.experiments import Experiment
 
     return Experiment.from_flags(args)
 

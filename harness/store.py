@@ -1,6 +1,6 @@
 """The results store: SQLAlchemy 2.0 ORM over SQLite (default, WAL) or any SQLAlchemy URL.
 
-Only the driver process writes; Ray workers send results back (see ``harness.scheduler``).
+Only the driver process writes; Ray workers send results back (see ``harness.orchestration.scheduler``).
 All queries go through the ORM: no SQL is built from strings.
 """
 

@@ -456,8 +456,8 @@ def test_checkpoint_of_another_spec_is_not_resumed(tmp_path):
     by construction; the reachable case is a checkpoint copied (or left) in another run's
     folder. It used to be loaded silently (same parameter names and shapes); now it fails."""
     from harness.cli import build_parser
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
 
     argv = ["run", "--no-fp", "--methods", "qat", *QUICK, *TRAIN,
             "--db", f"sqlite:///{tmp_path / 'h.db'}", "--output-dir", tmp_path / "runs"]

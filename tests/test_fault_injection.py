@@ -50,7 +50,7 @@ if mode == "hold-train":  # steps 1-3 logged, then wait in step 5's batch for th
         return real_batch(data, step, micro, cfg)
     trainer._batch_at = held
 elif mode == "eval":  # after the quantized run's PPL is stored, before the rest of its eval
-    from harness.recorders import StoreRecorder
+    from harness.orchestration.recorders import StoreRecorder
     real_metric = StoreRecorder.metric
     def metric(self, name, value, task=None, **extra):
         real_metric(self, name, value, task, **extra)

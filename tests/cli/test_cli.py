@@ -72,7 +72,7 @@ def test_methods_lists_fields(cli):
 
 
 @pytest.mark.parametrize("missing,argv,needle", [
-    ("harness.experiments", ["run", EXPERIMENT], "experiment files: not available"),
+    ("harness.orchestration.experiments", ["run", EXPERIMENT], "experiment files: not available"),
     ("dashboard.launch", ["dashboard"], "the dashboard: not available"),
 ])
 def test_a_feature_whose_module_is_missing_fails_in_one_line(cli, db_url, monkeypatch, missing,
@@ -103,8 +103,8 @@ def test_runs_score_the_offline_tasks_unless_told_not_to():
     tests/eval/test_accuracy.py); `--tasks ""`, which the runs in this file pass to stay fast,
     leaves it out."""
     from harness.cli import build_parser
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
 
     def plan(argv):
         return plan_runs(Experiment.from_flags(build_parser().parse_args(argv)))
@@ -120,7 +120,7 @@ def test_runs_score_the_offline_tasks_unless_told_not_to():
 def test_bits_with_a_fixed_width_method_is_noted(capsys):
     """`--methods bitdistiller,onebit --bits 2` compares 2-bit BitDistiller with 1-bit OneBit:
     a note says so; fp (the reference) never needs one. onebit alone: tests/test_bad_inputs."""
-    from harness.experiments import check_bits_apply
+    from harness.orchestration.experiments import check_bits_apply
 
     check_bits_apply(["bitdistiller", "onebit"], [2])
     err = capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_compare_refuses_runs_without_per_window_results(ladder, cli, tmp_path):
     import sqlite3
     from contextlib import closing
 
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
     from harness.store import Store
 
     db = tmp_path / "copy.db"
@@ -159,7 +159,7 @@ def test_ppl_data_file_equals_harness_eval_text(run_cli, tmp_path):
 def test_default_evaluation_keeps_the_run_keys_of_stored_runs():
     """The FP and RTN w3 quick runs of SmolLM2 in docs/results keep their keys: the new
     evaluation settings at their defaults are not part of the hash."""
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
 
     fp = build_spec("smollm2-135m", "fp", {}, "quick")
     rtn = build_spec("smollm2-135m", "rtn", {"bits": 3, "group_size": 64}, "quick")

@@ -92,8 +92,8 @@ def test_run_folders_are_absolute_so_exports_work_from_anywhere(cli, tmp_path, m
 def test_a_run_another_live_process_runs_is_not_taken_over(tmp_path):
     """Two terminals sharing the FP reference: the second reran the first one's live run,
     deleting its metrics (and a Ctrl-C there marked it failed)."""
-    from harness.plan import build_spec
-    from harness.scheduler import execute
+    from harness.orchestration.plan import build_spec
+    from harness.orchestration.scheduler import execute
 
     store = Store(f"sqlite:///{tmp_path / 'h.db'}")
     spec = build_spec("tiny-llama", "fp", {}, "quick", 0, {"max_tokens": 512, "seq_len": 128,
@@ -123,7 +123,7 @@ def test_two_processes_beginning_one_run_do_not_crash(tmp_path):
     died on the unique constraint (6 of 6 tries in the audit)."""
     script = f"""
 import sys
-from harness.plan import build_spec
+from harness.orchestration.plan import build_spec
 from harness.store import RunBusy, Store
 spec = build_spec("tiny-llama", "fp", {{}}, "quick", 0, {{"max_tokens": 512, "seq_len": 128}})
 store = Store("sqlite:///{tmp_path / 'race.db'}")

@@ -8,7 +8,7 @@ HEAVY = ("ray", "streamlit", "plotly", "lm_eval", "triton")
 
 
 def test_core_modules_import_no_heavy_optional_package():
-    code = ("import sys; import harness.runner, harness.train.trainer, harness.eval.ppl, "
+    code = ("import sys; import harness.orchestration.runner, harness.train.trainer, harness.eval.ppl, "
             "harness.eval.saved, harness.store; "
             f"loaded = [m for m in {HEAVY!r} if m in sys.modules]; "
             "assert not loaded, loaded")

@@ -1,7 +1,7 @@
 import pytest
 
 from harness.errors import HarnessError
-from harness.plan import build_spec, fp_reference
+from harness.orchestration.plan import build_spec, fp_reference
 
 IN = {64, 192}  # tiny-llama's decoder input dims: 128 does not divide 64 -> auto picks 64
 
@@ -138,15 +138,15 @@ def _flags(*argv: str):
 
 
 def _from_flags(*argv: str) -> list:
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
 
     return plan_runs(Experiment.from_flags(_flags(*argv)))
 
 
 def _from_file(tmp_path, text: str, *argv: str) -> list:
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
 
     path = tmp_path / "exp.yaml"
     path.write_text(text)
@@ -244,11 +244,11 @@ def test_planning_modules_import_no_private_names():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "harness"
-    for name in ("cli", "commands", "config", "experiments", "plan"):
+    for name in ("cli", "commands", "config", "orchestration/experiments", "orchestration/plan"):
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"harness/{name}.py imports {private} from {node.module}"
-                if name in ("experiments", "plan", "config"):
+                if name in ("orchestration/experiments", "orchestration/plan", "config"):
                     assert node.module != "harness.commands", f"harness/{name}.py"

@@ -1,4 +1,4 @@
-"""harness/recorders.py: what reaches the store, and what may not."""
+"""harness/orchestration/recorders.py: what reaches the store, and what may not."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.recorders import BufferRecorder, StoreRecorder, replay
+from harness.orchestration.recorders import BufferRecorder, StoreRecorder, replay
 
 
 def test_numbers_of_every_kind_become_floats_and_none_stays_none(store):
@@ -56,7 +56,7 @@ def _spec():
 
 def test_series_travel_through_a_worker_buffer_to_the_store(store):
     from harness.config import EvalSpec, RunSpec
-    from harness.recorders import BufferRecorder, replay
+    from harness.orchestration.recorders import BufferRecorder, replay
 
     run = store.begin_run(RunSpec(model="tiny-llama", method="rtn", config={"bits": 3},
                                   eval=EvalSpec()))

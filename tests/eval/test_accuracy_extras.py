@@ -15,7 +15,7 @@ import pytest
 from harness.errors import HarnessError
 from harness.eval import accuracy
 from harness.eval.accuracy import _record, check_task_data, check_task_names, evaluate_tasks
-from harness.recorders import BufferRecorder
+from harness.orchestration.recorders import BufferRecorder
 
 TASKS = ("shakespeare_cloze", "shakespeare_nextline")
 

@@ -8,8 +8,8 @@ import pytest
 
 from harness.cli import build_parser
 from harness.errors import HarnessError
-from harness.experiments import Experiment
-from harness.plan import plan_runs
+from harness.orchestration.experiments import Experiment
+from harness.orchestration.plan import plan_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -100,7 +100,7 @@ def test_unknown_method(tmp_path):
 
 def test_grid_expands_through_build_spec(tmp_path):
     from harness.models import decoder_in_features
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
 
     specs = runs(write(tmp_path, TINY))
     assert [(s.method, s.bits) for s in specs] == [("rtn", 3), ("rtn", 2), ("qat", 3), ("qat", 2)]

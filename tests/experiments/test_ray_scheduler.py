@@ -28,9 +28,9 @@ def harness(*args, **kw):
 
 
 def test_teacher_key_matches_training_blocks():
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
-    from harness.ray_scheduler import teacher_key
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
+    from harness.orchestration.ray_scheduler import teacher_key
 
     specs = {s.method: s for s in plan_runs(Experiment.from_yaml(
         ROOT / "experiments/smollm2-default.yaml"))}
@@ -89,7 +89,7 @@ STEP = '["train_step", {"step": %d, "loss": 2.5, "lr": 1e-05, "tokens_per_s": 10
 
 
 def test_spool_drops_only_a_torn_last_line(tmp_path):
-    from harness.ray_scheduler import read_spool
+    from harness.orchestration.ray_scheduler import read_spool
 
     whole = STEP % 1 + STEP % 2
     assert [kw["step"] for _, kw in read_spool(_spool(tmp_path, whole))] == [1, 2]
@@ -102,7 +102,7 @@ def test_spool_drops_only_a_torn_last_line(tmp_path):
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_spool_damaged_at_a_complete_line_names_the_file_and_line(tmp_path, bad, where):
     from harness.errors import HarnessError
-    from harness.ray_scheduler import _recover, read_spool
+    from harness.orchestration.ray_scheduler import _recover, read_spool
 
     text = STEP % 1 + bad + STEP % 2 if where == "middle" else STEP % 1 + STEP % 2 + bad
     path = _spool(tmp_path, text)
@@ -150,9 +150,9 @@ def _worker_pid(name: str, timeout: float = 240) -> int:
 
 
 def test_killed_worker_fails_cleanly_and_rerun_resumes(tmp_path, ray_head):
-    from harness.experiments import Experiment
-    from harness.plan import plan_runs
-    from harness.ray_scheduler import WORKER_DIED
+    from harness.orchestration.experiments import Experiment
+    from harness.orchestration.plan import plan_runs
+    from harness.orchestration.ray_scheduler import WORKER_DIED
     from harness.store import Store
 
     exp_file = tmp_path / "kill.yaml"
@@ -238,7 +238,7 @@ def test_a_cluster_that_refuses_the_driver_is_one_line(monkeypatch):
     import ray
 
     from harness.errors import HarnessError
-    from harness.ray_scheduler import _init_ray
+    from harness.orchestration.ray_scheduler import _init_ray
 
     def refuse(**kw):
         raise ConnectionError(f"Failed to connect to Ray cluster at {kw['address']}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.api import Calibration, NullRecorder, RunContext
-from harness.plan import build_spec
+from harness.orchestration.plan import build_spec
 from harness.quant.linear import PackedLinear, QuantLinear
 from harness.registry import build_method
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.plan import build_spec
-from harness.scheduler import execute
+from harness.orchestration.plan import build_spec
+from harness.orchestration.scheduler import execute
 
 IN = {64, 192}
 TRAIN = {"steps": 6, "seq_len": 64, "batch_size": 2, "checkpoint_every": 2,

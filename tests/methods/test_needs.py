@@ -7,7 +7,7 @@ import pytest
 
 from harness.api import Calibration, Needs, TeacherSampling
 from harness.errors import HarnessError
-from harness.plan import build_spec
+from harness.orchestration.plan import build_spec
 from harness.registry import build_method
 
 
@@ -38,7 +38,7 @@ def _old_teacher_key(spec):
 @pytest.mark.parametrize("profile", ["quick", "full"])
 def test_teacher_key_is_the_one_the_config_dict_gave(method, over, profile):
     """Ray makes the same runs wait for the same teacher-data generation as before."""
-    from harness.ray_scheduler import teacher_key
+    from harness.orchestration.ray_scheduler import teacher_key
 
     spec = build_spec("tiny-llama", method, over, profile)
     assert teacher_key(spec) == _old_teacher_key(spec)
@@ -80,7 +80,7 @@ def test_calibration_blocks_are_sized_by_the_declaration(monkeypatch, tmp_path):
 
     from harness import data
     from harness.api import NullRecorder
-    from harness.runner import build_context
+    from harness.orchestration.runner import build_context
 
     asked = []
     monkeypatch.setattr(data, "token_blocks", lambda tok, split, seq, n, seed: asked.append(

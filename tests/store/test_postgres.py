@@ -76,7 +76,7 @@ def pg_url(tmp_path_factory):
 
 
 def test_store_round_trip(pg_url):
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
     from harness.store import Store
 
     store = Store(pg_url)

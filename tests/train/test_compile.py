@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from harness.scheduler import execute
+from harness.orchestration.scheduler import execute
 from harness.store import Store
 from tests.methods.test_ladder import TRAIN, _spec
 

@@ -243,7 +243,7 @@ def test_eval_every_default_is_ten_evaluations_per_run():
     ({"teacher_top_p": 0}, "teacher_top_p"),
 ])
 def test_bad_selection_settings_are_one_line_errors(train, needle):
-    from harness.plan import build_spec
+    from harness.orchestration.plan import build_spec
 
     with pytest.raises(HarnessError, match=needle) as info:
         build_spec("tiny-llama", "bitdistiller", {"bits": 3, "train": train}, "quick")

@@ -2,7 +2,7 @@
 
 An experiment is a typed, validated description of many runs (models x methods x grid axes x
 seeds). A file and the flags build the same :class:`Experiment`, and
-:func:`harness.plan.plan_runs` alone expands it into run specs, so a file and the equivalent
+:func:`harness.orchestration.plan.plan_runs` alone expands it into run specs, so a file and the equivalent
 flags give identical run hashes (and therefore share results and resume).
 
 ```yaml
@@ -134,7 +134,7 @@ class MethodEntry(BaseModel):
 class Experiment(BaseModel):
     """What a ``harness run`` plans, whether a file or flags said it.
 
-    :func:`harness.plan.plan_runs` expands it: models x methods x grid points x seeds, each
+    :func:`harness.orchestration.plan.plan_runs` expands it: models x methods x grid points x seeds, each
     method taking the axes and ``sets`` keys its config has, plus the FP references.
     """
 

@@ -23,7 +23,7 @@ from harness.config import (
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.experiments import Experiment
+    from harness.orchestration.experiments import Experiment
 
 #: Keys every method is given: the ones without such a field (fp, onebit) drop them, so one
 #: ``bits`` axis spans a ladder that includes fixed-width methods.
@@ -39,8 +39,8 @@ def plan_runs(experiment: Experiment, *, check_model: bool = True) -> list[RunSp
     method's own overrides < the grid point < ``--set``.
 
     Args:
-        experiment: from :meth:`~harness.experiments.Experiment.from_flags` or
-            :meth:`~harness.experiments.Experiment.from_yaml`.
+        experiment: from :meth:`~harness.orchestration.experiments.Experiment.from_flags` or
+            :meth:`~harness.orchestration.experiments.Experiment.from_yaml`.
         check_model: resolve automatic group sizes from each model's config; ``False`` skips
             that (validating files that name models not available offline).
 

@@ -33,10 +33,10 @@ from harness.errors import HarnessError
 from harness.host_memory import keep_freed_memory
 from harness.interrupts import explain, reinstall
 from harness.models import load_model
-from harness.recorders import BufferRecorder, replay
+from harness.orchestration.recorders import BufferRecorder, replay
+from harness.orchestration.runner import execute_run, run_dir_for
+from harness.orchestration.scheduler import Outcome, busy, describe_error
 from harness.registry import build_method
-from harness.runner import execute_run, run_dir_for
-from harness.scheduler import Outcome, busy, describe_error
 from harness.store import Run, RunBusy
 from harness.train.teacher_data import teacher_sequences
 
@@ -77,7 +77,7 @@ def run_task(spec: RunSpec, output_dir: str, device: str | None, *deps) -> dict:
     they filled is read by the runner).
 
     Returns:
-        ``status``, ``error``, ``metrics``, ``records`` (for :func:`harness.recorders.replay`),
+        ``status``, ``error``, ``metrics``, ``records`` (for :func:`harness.orchestration.recorders.replay`),
         ``wall_s``, ``device``, ``host``, ``pid``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,8 +21,8 @@ from harness.config import RunSpec
 from harness.devices import pick_device
 from harness.errors import HarnessError, require_module
 from harness.interrupts import explain
-from harness.recorders import StoreRecorder
-from harness.runner import execute_run, run_dir_for
+from harness.orchestration.recorders import StoreRecorder
+from harness.orchestration.runner import execute_run, run_dir_for
 from harness.store import RunBusy, Store
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
                 shutil.rmtree(run_dir_for(output_dir, spec) / "checkpoint", ignore_errors=True)
             pending.append(spec)
     if scheduler == "ray" and pending:
-        # imported by name: harness.ray_scheduler imports this module (Outcome, busy)
-        run_with_ray = require_module("harness.ray_scheduler", "the Ray scheduler").run_with_ray
+        # imported by name: harness.orchestration.ray_scheduler imports this module (Outcome, busy)
+        run_with_ray = require_module("harness.orchestration.ray_scheduler", "the Ray scheduler").run_with_ray
         for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
                                        ray_address, gpus_per_run, cpus_per_run).items():
             outcomes[h] = outcome
