@@ -79,7 +79,7 @@ def clip_model(model, config: ClipConfig, ctx) -> None:
     modules = dict(model.named_modules())
     qformat = config.qformat()
     for name in tqdm(names, desc="clip search", unit="layer", leave=False):
-        layer, module = _split(name)
+        layer, module = split_layer_name(name)
         linear = modules[name]
         if config.skip_qk and reference_skips(module):
             continue
@@ -91,7 +91,7 @@ def clip_model(model, config: ClipConfig, ctx) -> None:
         ctx.recorder.layer_stat(layer, module, "clip_output_mse", res.err_after)
 
 
-def _split(name: str) -> tuple[str, str]:
+def split_layer_name(name: str) -> tuple[str, str]:
     """``model.layers.3.self_attn.q_proj`` -> (``layers.3``, ``q_proj``)."""
     parts = name.split(".")
     i = parts.index("layers") if "layers" in parts else 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from harness.api import Calibration, Needs
@@ -24,16 +24,16 @@ from harness.models import no_cache
 from harness.quant.gptq import accumulate_hessian, gptq_quantize, latent_for_storage, output_error
 from harness.quant.modules import decoder_linear_names
 from harness.registry import register_method
-from methods.clip import _split
+from methods.clip import split_layer_name
 from methods.rtn import RTN
-from methods.weightquant import WeightQuantConfig
+from methods.weightquant import IntDefaultConfig
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_CALIB = Calibration()
 
 
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(IntDefaultConfig):
     calib_samples: int = Field(_DEFAULT_CALIB.samples, ge=1,
                                description="calibration blocks (paper: 128 x 2048 tokens)")
     calib_seq_len: int = Field(_DEFAULT_CALIB.seq_len, ge=8, description="tokens per block")
@@ -41,15 +41,6 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0, description="fraction of mean(diag H) added to H's diagonal")
     act_order: bool = Field(False, description="quantize columns by descending diag(H) "
                             "(groups stay static and contiguous)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _paper_format(cls, values):
-        # GPTQ's format is int asym at every width; the ladder's nf3-at-3-bits default would
-        # make "gptq --bits 3" silently another format than the paper's. fmt=nf3 still works.
-        if isinstance(values, dict) and "fmt" not in values:
-            values = dict(values, fmt="int")
-        return values
 
 
 class _Stop(Exception):
@@ -116,7 +107,7 @@ def gptq_model(model, config: GPTQConfig, ctx) -> None:
             w = linear.weight.data
             res = gptq_quantize(w, h.to(w.device), fmt, block_size=config.block_size,
                                 damp=config.damp, act_order=config.act_order)
-            layer, module = _split(name)
+            layer, module = split_layer_name(name)
             rtn = fmt.fake_quantize(w.float(), scale_dtype=torch.float16)
             ctx.recorder.layer_stat(layer, module, "rtn_output_err", output_error(w, rtn, h))
             ctx.recorder.layer_stat(layer, module, "gptq_output_err",

@@ -16,24 +16,16 @@ from harness.quant.hqq import hqq_quantize, pack_qparams
 from harness.quant.linear import PackedLinear
 from harness.quant.modules import decoder_linear_names, replace_linears
 from harness.registry import register_method
-from methods.clip import _split
+from methods.clip import split_layer_name
 from methods.rtn import RTN
-from methods.weightquant import WeightQuantConfig
+from methods.weightquant import IntDefaultConfig
 
 
-class HQQConfig(WeightQuantConfig):
+class HQQConfig(IntDefaultConfig):
     lp_norm: float = Field(0.7, gt=0, le=1, description="p of the lp error (reference 0.7)")
     beta: float = Field(10.0, gt=0, description="initial half-quadratic penalty")
     kappa: float = Field(1.01, gt=1, description="beta's growth per round")
     iters: int = Field(20, ge=1, description="solver rounds (stops early when the error rises)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _int_asym(cls, values):
-        # HQQ optimises an asymmetric int grid's zero; the ladder's nf3 default does not apply
-        if isinstance(values, dict) and "fmt" not in values:
-            values = dict(values, fmt="int")
-        return values
 
     @model_validator(mode="after")
     def _check_int_asym(self):
@@ -59,7 +51,7 @@ class HQQ(RTN):
             w = linear.weight.detach()
             res = hqq_quantize(w, fmt, lp_norm=cfg.lp_norm, beta=cfg.beta, kappa=cfg.kappa,
                                iters=cfg.iters)
-            layer, module = _split(name)
+            layer, module = split_layer_name(name)
             rtn = fmt.fake_quantize(w.float(), scale_dtype=torch.float16)
             for stat, q in (("rtn_weight_mse", rtn), ("hqq_weight_mse", res.weight),
                             ("hqq_frac_zero_weight_mse", res.weight_frac)):

@@ -17,7 +17,7 @@ from harness.quant.onebit import OneBitLinear, rank1_svd_error, svid_error
 from harness.registry import register_method
 from harness.train.config import TrainConfig
 from harness.train.losses import onebit_loss
-from methods.clip import _split
+from methods.clip import split_layer_name
 from methods.weightquant import pack_all
 
 
@@ -57,7 +57,7 @@ class OneBit(Method):
     def prepare(self, model, ctx):
         def convert(name, linear):
             module = OneBitLinear.from_linear(linear, init=self.config.init)
-            layer, short = _split(name)
+            layer, short = split_layer_name(name)
             w = linear.weight.data
             ctx.recorder.layer_stat(layer, short, "svid_error",
                                     float(svid_error(w, module.h.data, module.g.data)))

@@ -13,7 +13,7 @@ from torch import nn
 
 from harness.api import MethodConfig
 from harness.errors import HarnessError
-from harness.quant.formats import FORMATS, QuantFormat, _format_class
+from harness.quant.formats import FORMATS, QuantFormat, format_class
 from harness.quant.linear import QuantLinear
 from harness.quant.modules import decoder_linear_names, quantized_modules, replace_linears
 
@@ -74,6 +74,19 @@ class WeightQuantConfig(MethodConfig):
                            symmetric=self.symmetric, **params)
 
 
+
+class IntDefaultConfig(WeightQuantConfig):
+    """The post-training baselines' papers (GPTQ, HQQ) quantize to INT at every width: the
+    ladder's NF3-at-3-bits default would make "gptq --bits 3" another format than the paper's.
+    An explicit fmt still wins."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_format(cls, values):
+        if isinstance(values, dict) and "fmt" not in values:
+            values = dict(values, fmt="int")
+        return values
+
 def _format_defaults(values: dict) -> dict:
     """A fixed-width format's own bits and its parameters' defaults, filled in before
     validation so that the stored config names them. Bits the user set that the format
@@ -83,7 +96,7 @@ def _format_defaults(values: dict) -> dict:
         raise HarnessError("fmt=binary is OneBit's layer, not a weight grid; use --methods onebit")
     if fmt not in FORMATS:
         return values  # QuantFormat's check names the unknown format and the known ones
-    cls = _format_class(fmt)
+    cls = format_class(fmt)
     if cls.fixed_bits is None:
         return values
     if "bits" in values and values["bits"] is not None:

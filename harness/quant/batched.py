@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.quant.linear import QuantLinear
 from harness.quant.onebit import OneBitLinear, effective_weights
-from harness.quant.primitives import _triton_ok
+from harness.quant.primitives import triton_ok
 
 
 def _kernel_device(t: torch.Tensor) -> bool:
@@ -68,7 +68,7 @@ class BatchedFakeQuant(_PerPassWeights):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.enabled = _triton_ok()
+        self.enabled = triton_ok()
 
     def batches(self) -> dict[tuple, list[QuantLinear]]:
         """Training-state layers grouped by everything one launch must share."""

@@ -54,7 +54,7 @@ class QuantFormat(BaseModel):
         # parameters' defaults, so a stored spec says e.g. which scaling produced the codes.
         fmt_cls = None
         if isinstance(values, dict) and isinstance(values.get("fmt"), str):
-            fmt_cls = _format_class(values["fmt"], quiet=True)
+            fmt_cls = format_class(values["fmt"], quiet=True)
         if fmt_cls is None:
             return values
         values = {**fmt_cls.param_defaults(), **values}
@@ -65,7 +65,7 @@ class QuantFormat(BaseModel):
     @model_validator(mode="after")
     def _valid(self):
         try:  # the format class's own rules, one source for the spec and the quantizers
-            fmt_cls = _format_class(self.fmt)
+            fmt_cls = format_class(self.fmt)
             fmt_cls.check(self.bits, self.symmetric, self.params())
         except HarnessError as exc:
             raise ValueError(str(exc)) from None
@@ -82,7 +82,7 @@ class QuantFormat(BaseModel):
 
     def format(self) -> Format:
         """The format object that does the math for this spec."""
-        return _format_class(self.fmt).build(self.bits, self.group_size, self.symmetric,
+        return format_class(self.fmt).build(self.bits, self.group_size, self.symmetric,
                                              **self.params())
 
 
@@ -125,7 +125,7 @@ def register_format(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def _format_class(name: str, quiet: bool = False) -> type[Format] | None:
+def format_class(name: str, quiet: bool = False) -> type[Format] | None:
     if quiet and name not in FORMATS:
         return None
     cls = FORMATS.get(name)
@@ -148,7 +148,7 @@ def get_format(fmt: str | QuantFormat | Format, bits: int | None = None, group_s
         return fmt
     if isinstance(fmt, QuantFormat):
         return fmt.format()
-    cls = _format_class(fmt)
+    cls = format_class(fmt)
     if bits is None:
         bits = cls.fixed_bits if cls.fixed_bits is not None else 3
     return cls.build(bits, group_size, symmetric, **params)

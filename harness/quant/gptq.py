@@ -34,7 +34,7 @@ import torch
 from harness.errors import HarnessError
 from harness.quant.formats import Format, get_format
 from harness.quant.grid import NF3_LEVELS, nf3_codes, round_half_away
-from harness.quant.primitives import _int_params, _nf3_params
+from harness.quant.primitives import int_params, nf3_params
 from harness.quant.ternary import ternary_scales, ternary_trits
 
 _SCALE_DTYPE = torch.float16  # what packed storage holds, so W_q is what storage gives back
@@ -63,7 +63,7 @@ def group_params(fmt: Format, wg: torch.Tensor) -> GroupParams:
     """Parameters of the group ``wg`` ``[out, g]`` exactly as ``fmt.quantize`` derives them."""
     x = wg.float().unsqueeze(1)  # [out, 1, g]: the formats' grouped layout
     if fmt.name == "int":
-        scale, zero, qmin, qmax = _int_params(x, fmt.bits, fmt.symmetric, _SCALE_DTYPE)
+        scale, zero, qmin, qmax = int_params(x, fmt.bits, fmt.symmetric, _SCALE_DTYPE)
         scale = scale.squeeze(1)
         if zero is None:
             # the absmax element decides a symmetric scale: it pins to +-qmax (not qmin)
@@ -71,7 +71,7 @@ def group_params(fmt: Format, wg: torch.Tensor) -> GroupParams:
         zero = zero.squeeze(1)
         return GroupParams(scale, zero, (0 - zero) * scale, (qmax - zero) * scale)
     if fmt.name == "nf3":
-        mx, mn = _nf3_params(x, _SCALE_DTYPE)
+        mx, mn = nf3_params(x, _SCALE_DTYPE)
         mx, mn = mx.squeeze(1), mn.squeeze(1)
         return GroupParams(mx, mn, NF3_LEVELS[0] * mn, NF3_LEVELS[-1] * mx)
     s = ternary_scales(x, fmt.scaling, _SCALE_DTYPE).squeeze(1)

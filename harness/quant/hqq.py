@@ -28,7 +28,7 @@ from harness.errors import HarnessError
 from harness.quant.formats import Format, get_format
 from harness.quant.grid import round_half_away
 from harness.quant.packed import PackedTensor
-from harness.quant.primitives import QParams, _int_params, grouped
+from harness.quant.primitives import QParams, int_params, grouped
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -98,7 +98,7 @@ def hqq_quantize(w: torch.Tensor, fmt, *, lp_norm: float = 0.7, beta: float = 10
     fmt = get_format(fmt)
     _check(fmt)
     xg = grouped(w.detach().float(), fmt.group_size)
-    scale, _, _, qmax = _int_params(xg, fmt.bits, False, torch.float16)
+    scale, _, _, qmax = int_params(xg, fmt.bits, False, torch.float16)
     zero0 = -xg.amin(-1, keepdim=True) / scale  # HQQ's start: -min * (1 / s), not rounded
     zero, rounds = optimize_zero(xg, scale, zero0, qmax, lp_norm=lp_norm, beta=beta,
                                  kappa=kappa, iters=iters, keep_best=keep_best)

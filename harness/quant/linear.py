@@ -32,10 +32,31 @@ def _spec(m: nn.Module) -> dict:
             "bias": m.bias is not None, "qformat": m.qformat.model_dump()}
 
 
-class QuantLinear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What both forms share: a linear whose weight comes from ``dequantized_weight()`` (fake
+    quantized in training, unpacked in storage), its stored bytes and its description."""
+
+    state = ""
+
+    def packed_nbytes(self) -> int:
+        return _packed_nbytes(self, self.packed_tensor())
+
+    @property
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return _repr(self, self.state)
+
+
+class QuantLinear(_QuantizedLinear):
     """Training form: latent weight, fake-quantized each forward."""
 
     packed = False
+    state = "training"
 
     def __init__(self, in_features: int, out_features: int, qformat: QuantFormat,
                  bias: bool = True, detach_scales: bool = False) -> None:
@@ -109,22 +130,9 @@ class QuantLinear(nn.Module):
         """A plain ``nn.Linear`` holding the dequantized weight (Hugging Face export)."""
         return _to_linear(self)
 
-    # --- accounting -------------------------------------------------------------------
-    def packed_nbytes(self) -> int:
-        return _packed_nbytes(self, self.packed_tensor())
-
-    @property
-    def num_weights(self) -> int:
-        return self.in_features * self.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.dequantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return _repr(self, "training")
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_QuantizedLinear):
     """Storage form: the format's packed buffers; the weight is dequantized on use, cached.
 
     Buffers are named ``q_codes``, ``q_scales`` and (formats with zero points) ``q_zeros``:
@@ -132,6 +140,7 @@ class PackedLinear(nn.Module):
     """
 
     packed = True
+    state = "packed"
 
     def __init__(self, in_features: int, out_features: int, qformat: QuantFormat,
                  bias: bool = True, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -187,18 +196,6 @@ class PackedLinear(nn.Module):
         self._dequant_cache = None
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def packed_nbytes(self) -> int:
-        return _packed_nbytes(self, self.packed_tensor())
-
-    @property
-    def num_weights(self) -> int:
-        return self.in_features * self.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.dequantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return _repr(self, "packed")
 
 
 def pack(m: QuantLinear) -> PackedLinear:

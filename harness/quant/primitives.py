@@ -63,7 +63,7 @@ def check_grid(fmt: str, bits: int, symmetric: bool = False) -> None:
         raise HarnessError(f"unknown format {fmt!r}; use int or nf3 (binary is OneBit's layer)")
 
 
-def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
+def int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     if symmetric:
         qmax = 2 ** (bits - 1) - 1  # bits >= 2 (check_grid refuses 1-bit symmetric)
         scale = div_exact(g.abs().amax(-1, keepdim=True).clamp(min=1e-5), qmax)
@@ -75,7 +75,7 @@ def _int_params(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype):
     return scale, zero, 0, qmax
 
 
-def _nf3_params(g: torch.Tensor, scale_dtype):
+def nf3_params(g: torch.Tensor, scale_dtype):
     mx = g.amax(-1, keepdim=True).clamp(min=1e-5)
     mn = g.amin(-1, keepdim=True).abs().clamp(min=1e-5)
     return round_scale(mx, scale_dtype), round_scale(mn, scale_dtype)
@@ -85,7 +85,7 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
                         detach_scales: bool, scale_dtype, fused: bool, out_dtype) -> torch.Tensor:
     """INT/NF3 fake quantization (the ``int`` and ``nf3`` format objects' math)."""
     check_grid(fmt, bits, symmetric)
-    if fused and w.is_cuda and scale_dtype in (None, torch.float16) and _triton_ok():
+    if fused and w.is_cuda and scale_dtype in (None, torch.float16) and triton_ok():
         grouped(w, group_size)  # validates shape and group size with the usual errors
         from harness.quant.triton_fq import fake_quantize_triton  # imports triton: CUDA only
 
@@ -95,10 +95,10 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
     if fmt == "nf3" and fused and torch.is_grad_enabled() and w.requires_grad:
         out = NF3FakeQuant.apply(x, detach_scales, scale_dtype)
     elif fmt == "nf3" and not (torch.is_grad_enabled() and w.requires_grad):
-        mx, mn = _nf3_params(x, scale_dtype)  # no graph: the clip search's and packing's path
+        mx, mn = nf3_params(x, scale_dtype)  # no graph: the clip search's and packing's path
         out = nf3_values(*nf3_side_codes(x, mx, mn))
     elif fmt == "nf3":
-        mx, mn = _nf3_params(x, scale_dtype)
+        mx, mn = nf3_params(x, scale_dtype)
         if detach_scales:
             mx, mn = mx.detach(), mn.detach()
         normed = torch.where(x >= 0, x / mx, x / mn)
@@ -116,7 +116,7 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
     elif fused and torch.is_grad_enabled() and w.requires_grad:
         out = IntFakeQuant.apply(x, bits, symmetric, detach_scales, scale_dtype)
     else:
-        scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
+        scale, zero, qmin, qmax = int_params(x, bits, symmetric, scale_dtype)
         if detach_scales:
             scale = scale.detach()
         if zero is None:
@@ -129,7 +129,7 @@ def fake_quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, sy
 _TRITON: bool | None = None
 
 
-def _triton_ok() -> bool:
+def triton_ok() -> bool:
     """Triton importable (CUDA machines); checked once. The CPU path never imports it."""
     global _TRITON
     if _TRITON is None:
@@ -160,12 +160,12 @@ def quantize_grid(w: torch.Tensor, fmt: str, bits: int, group_size: int, symmetr
     check_grid(fmt, bits, symmetric)
     x = grouped(w.float(), group_size)
     if fmt == "nf3":
-        mx, mn = _nf3_params(x, scale_dtype)
+        mx, mn = nf3_params(x, scale_dtype)
         normed = torch.where(x >= 0, x / mx, x / mn)
         codes = nf3_codes(normed).to(torch.uint8)
         scales, zeros = mx.squeeze(-1).to(scale_dtype), mn.squeeze(-1).to(scale_dtype)
     else:
-        scale, zero, qmin, qmax = _int_params(x, bits, symmetric, scale_dtype)
+        scale, zero, qmin, qmax = int_params(x, bits, symmetric, scale_dtype)
         if zero is None:
             codes = (torch.clamp(round_half_away(x / scale), qmin, qmax) - qmin).to(torch.uint8)
             zeros = None

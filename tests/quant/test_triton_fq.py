@@ -39,7 +39,7 @@ def test_triton_matches_reference(case, scales, dtype):
 def test_triton_is_used_on_cuda():
     from harness.quant import primitives
 
-    assert primitives._triton_ok()
+    assert primitives.triton_ok()
     x = torch.randn(4, 64, device="cuda", requires_grad=True)
     y = fake_quantize(x, "int", 2, 16)
     assert type(y.grad_fn).__name__.startswith("TritonFakeQuant")
