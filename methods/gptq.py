@@ -19,10 +19,9 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from harness.api import Calibration, Needs
-from harness.errors import HarnessError
 from harness.models import no_cache
 from harness.quant.gptq import accumulate_hessian, gptq_quantize, latent_for_storage, output_error
-from harness.quant.modules import decoder_linear_names
+from harness.quant.modules import decoder_blocks, decoder_linear_names
 from harness.registry import register_method
 from methods.clip import split_layer_name
 from methods.rtn import RTN
@@ -47,14 +46,6 @@ class _Stop(Exception):
     """Ends a calibration forward once the layer of interest has run."""
 
 
-def _decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of each decoder block, in order (``...layers.N``)."""
-    out = [(n, m) for n, m in model.named_modules()
-           if n.rsplit(".", 1)[-1].isdigit() and n.rsplit(".", 2)[-2:-1] == ["layers"]]
-    if not out:
-        raise HarnessError("gptq found no decoder blocks (modules named ...layers.N); it "
-                           "supports llama/mistral/qwen/OPT-style models")
-    return out
 
 
 @torch.no_grad()
@@ -95,7 +86,7 @@ def gptq_model(model, config: GPTQConfig, ctx) -> None:
     batches = ctx.calibration()
     names = decoder_linear_names(model)
     modules = dict(model.named_modules())
-    for block_name, block in tqdm(_decoder_layers(model), desc="gptq", unit="layer",
+    for block_name, block in tqdm(decoder_blocks(model, "gptq"), desc="gptq", unit="layer",
                                   leave=False):
         mine = [n for n in names if n.startswith(block_name + ".")]
         hessians = layer_hessians(model, block, mine, batches)

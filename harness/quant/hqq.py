@@ -28,7 +28,7 @@ from harness.errors import HarnessError
 from harness.quant.formats import Format, get_format
 from harness.quant.grid import round_half_away
 from harness.quant.packed import PackedTensor
-from harness.quant.primitives import QParams, int_params, grouped
+from harness.quant.primitives import QParams, grouped, int_params
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:

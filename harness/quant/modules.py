@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from harness.errors import HarnessError
+
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of every ``nn.Linear`` inside the decoder blocks.
@@ -15,6 +17,17 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     """
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+
+
+def decoder_blocks(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each decoder block, in order (``...layers.N``), for the methods that
+    work block by block (gptq, awq; ``method`` names the caller in the error)."""
+    out = [(n, m) for n, m in model.named_modules()
+           if n.rsplit(".", 1)[-1].isdigit() and n.rsplit(".", 2)[-2:-1] == ["layers"]]
+    if not out:
+        raise HarnessError(f"{method} found no decoder blocks (modules named ...layers.N); it "
+                           f"supports llama/mistral/qwen-style models, use rtn or clip otherwise")
+    return out
 
 
 def replace_linears(model: nn.Module, names: list[str],
