@@ -61,6 +61,9 @@ class Objective:
         needs_hidden_states: ask both models for hidden states (OneBit).
         data: ``"corpus"`` (training plays) or ``"teacher"`` (teacher-generated continuations).
         metrics: values computed before training (e.g. CAKLD's gamma), stored with the run.
+        on_step: called by the trainer with the 0-based optimizer step before that step's
+            forward (BitNet's quantization phase-in). What it sets must be a function of the
+            step alone: a resumed run calls it from the checkpoint's step on, never before.
     """
 
     loss: Callable[[ObjectiveInputs], torch.Tensor]
@@ -68,6 +71,7 @@ class Objective:
     needs_hidden_states: bool = False
     data: Literal["corpus", "teacher"] = "corpus"
     metrics: dict[str, float] = field(default_factory=dict)
+    on_step: Callable[[int], None] | None = None
 
 
 class Recorder:

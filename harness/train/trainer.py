@@ -484,6 +484,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 lr = opt.param_groups[0]["lr"]
+                if objective.on_step is not None:
+                    objective.on_step(step)
                 loss = _optimizer_step(model, teacher, objective, opt, params, data, step,
                                        cfg, device, amp)
                 sched.step()
