@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from harness.errors import HarnessError
 from harness.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from harness.quant.grid import valid_group_sizes
-from harness.quant.onebit import sign_codes, sign_ste
 from harness.quant.packed import PackedTensor, stored_nbytes
 from harness.quant.primitives import (
     QParams,
@@ -347,35 +346,8 @@ class NF3Format(_GridFormat):
         return torch.zeros(out_f, n_groups, dtype=torch.float16)
 
 
-@register_format("binary")
-@dataclass(frozen=True, kw_only=True)
-class BinaryFormat(Format):
-    """OneBit's sign matrix: one bit per weight (1 = negative, sign(0) = +1). Its scales are
-    the layer's two fp16 vectors, not per-group parameters, so ``OneBitLinear`` owns the
-    forward and its storage; this object owns the codes and their packing."""
-
-    fixed_bits: ClassVar[int | None] = 1
-
-    @classmethod
-    def check(cls, bits, symmetric, params):
-        if bits != 1:
-            raise HarnessError("binary is a 1-bit format; set bits=1")
-        super().check(bits, symmetric, params)
-
-    def quantize(self, w, scale_dtype=torch.float16):
-        codes = sign_codes(w.detach()).view(w.shape)
-        return QParams(codes, torch.ones(w.shape[0], 1, dtype=scale_dtype, device=w.device),
-                       None, self.name, 1, -1, False, tuple(w.shape))
-
-    def dequantize(self, q, dtype=torch.float32):
-        return (1 - 2 * q.codes.float()).mul(q.scales.float()).to(dtype)
-
-    def fake_quantize(self, w, *, detach_scales=False, scale_dtype=None, fused=True,
-                      out_dtype=None):
-        return sign_ste(w).to(out_dtype or w.dtype)
-
-
 # Formats outside this module register on first lookup, so importing the core stays cheap.
+FORMATS.register("binary", "harness.quant.onebit:BinaryFormat")
 FORMATS.register("ternary", "harness.quant.ternary:TernaryFormat")
 
 

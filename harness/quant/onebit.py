@@ -32,15 +32,16 @@ layer is invariant to that split because of the LayerNorm).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.quant.bitpack import pack_bits, unpack_bits
-from harness.quant.bitpack import packed_nbytes as _bitpack_nbytes
+from harness.quant.formats import Format, register_format
+from harness.quant.primitives import QParams
 
 LATENT_INIT = 0.01  # reference: weight = sign(W) * 0.01 after SVID
 LN_EPS = 1e-5  # nn.LayerNorm's default, as the reference BitLinear
@@ -222,6 +223,38 @@ def sign_codes(w: torch.Tensor) -> torch.Tensor:
     return (w < 0).to(torch.uint8).flatten()
 
 
+@register_format("binary")
+@dataclass(frozen=True, kw_only=True)
+class BinaryFormat(Format):
+    """OneBit's sign matrix: one bit per weight (1 = negative, sign(0) = +1). Its scales are
+    the layer's two fp16 vectors, not per-group parameters, so ``OneBitLinear`` owns the
+    forward and its storage; this object owns the codes and their packing."""
+
+    fixed_bits: ClassVar[int | None] = 1
+
+    @classmethod
+    def check(cls, bits, symmetric, params):
+        if bits != 1:
+            raise HarnessError("binary is a 1-bit format; set bits=1")
+        super().check(bits, symmetric, params)
+
+    def quantize(self, w, scale_dtype=torch.float16):
+        codes = sign_codes(w.detach()).view(w.shape)
+        return QParams(codes, torch.ones(w.shape[0], 1, dtype=scale_dtype, device=w.device),
+                       None, self.name, 1, -1, False, tuple(w.shape))
+
+    def dequantize(self, q, dtype=torch.float32):
+        return (1 - 2 * q.codes.float()).mul(q.scales.float()).to(dtype)
+
+    def fake_quantize(self, w, *, detach_scales=False, scale_dtype=None, fused=True,
+                      out_dtype=None):
+        return sign_ste(w).to(out_dtype or w.dtype)
+
+
+#: The format of every OneBit layer's sign matrix: its codes, their packing and their bytes.
+SIGNS = BinaryFormat(bits=1, group_size=-1)
+
+
 @torch.no_grad()
 def svid(w: torch.Tensor, method: Literal["nmf", "svd"] = "nmf", iters: int = 100
          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +401,7 @@ class OneBitLinear(nn.Module):
         module.in_features, module.out_features = in_features, out_features
         module.is_packed = True
         module.batched_weight = None
-        n_bytes = _bitpack_nbytes(in_features * out_features, 1)  # the packer's own size
+        n_bytes = SIGNS.codes_nbytes(in_features * out_features)  # the packer's own size
         half = {"dtype": torch.float16, "device": device}
         module.register_buffer("sign_bits", torch.zeros(n_bytes, dtype=torch.uint8, device=device))
         module.register_buffer("g", torch.zeros(in_features, **half))
@@ -395,7 +428,7 @@ class OneBitLinear(nn.Module):
         if self.is_packed:
             names = ["sign_bits", "g", "h"] + (["bias"] if self.bias is not None else [])
             return {n: getattr(self, n) for n in names}
-        state = {"sign_bits": pack_bits(sign_codes(self.weight.detach()), 1),
+        state = {"sign_bits": SIGNS.pack_codes(sign_codes(self.weight.detach())),
                  "g": self.g.detach().to(torch.float16), "h": self.h.detach().to(torch.float16)}
         if self.bias is not None:
             state["bias"] = self.bias.detach().to(torch.float16)
@@ -458,7 +491,7 @@ class OneBitLinear(nn.Module):
         return self._weight(_compute_dtype(x)).to(x.dtype)
 
     def _packed_signs(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_bits(self.sign_bits, 1, self.num_weights)
+        codes = SIGNS.unpack_codes(self.sign_bits, self.num_weights)
         return (1 - 2 * codes.to(torch.int8)).to(dtype).view(self.out_features, self.in_features)
 
     def _bias(self) -> torch.Tensor | None:
