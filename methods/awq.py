@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.api import Calibration, Needs
+from harness.api import Needs
 from harness.errors import HarnessError
 from harness.models import no_cache
 from harness.quant.awq import (
@@ -249,8 +249,7 @@ class AWQ(Clip):
 
     def needs(self):
         # The scale search reads calibration even with clip=false.
-        return Needs(calibration=Calibration(samples=self.config.calib_samples,
-                                             seq_len=self.config.calib_seq_len))
+        return Needs(calibration=self.config.calibration())
 
     def prepare(self, model, ctx):
         awq_scale_model(model, self.config, ctx)

@@ -14,23 +14,21 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from harness.api import Calibration, Needs
+from harness.api import Needs
 from harness.models import no_cache
 from harness.quant.clip import clip_search, reference_skips
 from harness.quant.modules import decoder_linear_names
 from harness.registry import register_method
 from methods.rtn import RTN
-from methods.weightquant import WeightQuantConfig
+from methods.weightquant import CalibratedConfig
 
 log = logging.getLogger(__name__)
 
 
-class ClipConfig(WeightQuantConfig):
+class ClipConfig(CalibratedConfig):
     clip: bool = Field(True, description="run the clipping search before quantizing")
     skip_qk: bool = Field(True, description="leave q_proj/k_proj (every layer the reference's "
                           "autoclip.py skips) at plain RTN; false clips every layer")
-    calib_samples: int = Field(16, ge=1, description="calibration blocks (Julius Caesar)")
-    calib_seq_len: int = Field(512, ge=8, description="tokens per calibration block")
     clip_tokens: int = Field(512, ge=16, description="tokens sampled per layer for the search")
     clip_grid: int = Field(20, ge=2, description="shrink steps (reference: 20 over [0, 0.5))")
     clip_max_shrink: float = Field(0.5, gt=0, lt=1)
@@ -107,8 +105,7 @@ class Clip(RTN):
     def needs(self):
         if not self.config.clip:
             return Needs()
-        return Needs(calibration=Calibration(samples=self.config.calib_samples,
-                                             seq_len=self.config.calib_seq_len))
+        return Needs(calibration=self.config.calibration())
 
     def prepare(self, model, ctx):
         if self.config.clip:

@@ -18,24 +18,20 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from harness.api import Calibration, Needs
+from harness.api import Needs
 from harness.models import no_cache
 from harness.quant.gptq import accumulate_hessian, gptq_quantize, latent_for_storage, output_error
 from harness.quant.modules import decoder_blocks, decoder_linear_names
 from harness.registry import register_method
 from methods.clip import split_layer_name
 from methods.rtn import RTN
-from methods.weightquant import IntDefaultConfig
+from methods.weightquant import CalibratedConfig, IntDefaultConfig
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CALIB = Calibration()
+class GPTQConfig(IntDefaultConfig, CalibratedConfig):
+    """The paper calibrates on 128 x 2048 tokens; the harness's default blocks are smaller."""
 
-
-class GPTQConfig(IntDefaultConfig):
-    calib_samples: int = Field(_DEFAULT_CALIB.samples, ge=1,
-                               description="calibration blocks (paper: 128 x 2048 tokens)")
-    calib_seq_len: int = Field(_DEFAULT_CALIB.seq_len, ge=8, description="tokens per block")
     block_size: int = Field(128, ge=1, description="columns per lazy batch update")
     damp: float = Field(0.01, gt=0, description="fraction of mean(diag H) added to H's diagonal")
     act_order: bool = Field(False, description="quantize columns by descending diag(H) "
@@ -119,8 +115,7 @@ class GPTQ(RTN):
     Config = GPTQConfig
 
     def needs(self):
-        return Needs(calibration=Calibration(samples=self.config.calib_samples,
-                                             seq_len=self.config.calib_seq_len))
+        return Needs(calibration=self.config.calibration())
 
     def prepare(self, model, ctx):
         gptq_model(model, self.config, ctx)

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from harness.api import MethodConfig
+from harness.api import Calibration, MethodConfig
 from harness.errors import HarnessError
 from harness.quant.formats import FORMATS, QuantFormat, format_class
 from harness.quant.linear import QuantLinear
@@ -73,6 +73,19 @@ class WeightQuantConfig(MethodConfig):
                            group_size=self.group_size if self.group_size is not None else -1,
                            symmetric=self.symmetric, **params)
 
+
+
+class CalibratedConfig(WeightQuantConfig):
+    """The calibration blocks a post-training search reads (clip, gptq, awq), declared to the
+    harness through :meth:`calibration`."""
+
+    calib_samples: int = Field(Calibration().samples, ge=1,
+                               description="calibration blocks (Julius Caesar)")
+    calib_seq_len: int = Field(Calibration().seq_len, ge=8,
+                               description="tokens per calibration block")
+
+    def calibration(self) -> Calibration:
+        return Calibration(samples=self.calib_samples, seq_len=self.calib_seq_len)
 
 
 class IntDefaultConfig(WeightQuantConfig):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from harness.orchestration.plan import build_spec
 from harness.quant.linear import QuantLinear
 from harness.registry import build_method
 from methods.awq import awq_scale_model
-
-QUICK = ["--model", "tiny-llama", "--max-eval-tokens", "1024", "--seq-len", "128"]
 
 
 def _method(name, **over):
@@ -97,12 +94,7 @@ def test_non_llama_block_is_refused(tiny_copy):
         awq_scale_model(model, _method("awq").config, _ctx(model.config.vocab_size))
 
 
-def test_cli_run_stores_a_ppl(cli, tmp_path):
-    db = f"sqlite:///{tmp_path / 'x.db'}"
-    code, out, err = cli("run", "--methods", "awq", "--bits", "3", *QUICK, "--tasks", "",
-                         "--no-fp", "--db", db, "--output-dir", tmp_path / "runs")
-    assert code == 0, err
-    code, out, _ = cli("list", "--json", "--db", db)
-    runs = {r["method"]: r for r in json.loads(out)}
+def test_cli_run_stores_a_ppl(run_quick):
+    runs = run_quick("awq")
     assert set(runs) == {"awq"}
     assert runs["awq"]["status"] == "finished" and runs["awq"]["metrics"]["ppl"] > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,8 +9,6 @@ from harness.api import Calibration, NullRecorder, RunContext
 from harness.orchestration.plan import build_spec
 from harness.quant.linear import PackedLinear, QuantLinear
 from harness.registry import build_method
-
-QUICK = ["--model", "tiny-llama", "--max-eval-tokens", "1024", "--seq-len", "128"]
 
 
 def _method(name, **over):
@@ -61,13 +57,8 @@ def test_hqq_prepare_builds_packed_layers(tiny_copy):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def test_cli_run_stores_a_ppl(cli, tmp_path):
-    db = f"sqlite:///{tmp_path / 'x.db'}"
-    code, out, err = cli("run", "--methods", "gptq,hqq", "--bits", "3", *QUICK, "--tasks", "",
-                         "--no-fp", "--db", db, "--output-dir", tmp_path / "runs")
-    assert code == 0, err
-    code, out, _ = cli("list", "--json", "--db", db)
-    runs = {r["method"]: r for r in json.loads(out)}
+def test_cli_run_stores_a_ppl(run_quick):
+    runs = run_quick("gptq,hqq")
     assert set(runs) == {"gptq", "hqq"}
     for r in runs.values():
         assert r["status"] == "finished" and r["metrics"]["ppl"] > 0
