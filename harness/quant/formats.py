@@ -109,15 +109,30 @@ def resolve_group_size(in_features: Iterable[int], requested: int | str | None) 
 
 # --- format objects -----------------------------------------------------------------------
 
-FORMATS: Registry = Registry("format")
+#: Formats from other packages come in through the entry-point group ``harness.formats``
+#: (``seq = "pkg.formats:SEQFormat"``), scanned on first lookup like ``harness.methods``; a
+#: name declared twice, or one of the harness's own (int, nf3, binary, ternary), is refused.
+FORMATS: Registry = Registry("format", entry_point_group="harness.formats")
 
 
 def register_format(name: str) -> Callable[[type], type]:
-    """Class decorator: ``@register_format("mine") class Mine(Format): ...``."""
+    """Class decorator: ``@register_format("mine") class Mine(Format): ...``.
+
+    Raises:
+        HarnessError: ``name`` is already taken by another class or entry point.
+    """
 
     def wrap(cls: type) -> type:
-        # replaces a lazy "module:attr" entry that pointed here; another class is refused
-        FORMATS.register(name, cls)
+        # replaces a lazy "module:attr" entry (built-in or entry point) that points here;
+        # another class is refused, so no plugin shadows a built-in by importing first
+        current = FORMATS._items.get(name)
+        here = f"{cls.__module__}:{cls.__qualname__}"
+        there = current if isinstance(current, str) else (
+            f"{getattr(current, '__module__', '?')}:{getattr(current, '__qualname__', '?')}")
+        if current is not None and current is not cls and there not in (
+                here, here.partition(":")[0]):
+            raise FORMATS._duplicate(name, FORMATS._source(name), here)
+        FORMATS._items[name] = cls
         cls.name = name
         return cls
 
@@ -349,6 +364,7 @@ class NF3Format(_GridFormat):
 # Formats outside this module register on first lookup, so importing the core stays cheap.
 FORMATS.register("binary", "harness.quant.onebit:BinaryFormat")
 FORMATS.register("ternary", "harness.quant.ternary:TernaryFormat")
+FORMATS.register("intfz", "harness.quant.intfz:IntFZFormat")
 
 
 # --- the format-generic entry points: a format object, a spec, or the loose fields --------
