@@ -192,6 +192,10 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: the paper (authors, year, arXiv id or address) whose algorithm this is; ``harness
+    #: methods`` prints a class's own (a subclass does not inherit its parent's paper). Empty
+    #: for the harness's own ablation rungs.
+    citation: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: False for the full-precision reference, which has no bits/group.
     quantizes: ClassVar[bool] = True
@@ -204,6 +208,11 @@ class Method:
         method that reads teacher data without declaring it still gets it, generated inside
         its own run instead of once per sweep."""
         return Needs()
+
+    def check_shapes(self, in_features: set[int]) -> None:
+        """Refuses (``HarnessError``, one line with the fix) a config that the model's
+        quantized layers make impossible; ``in_features``: their input sizes. The planner
+        calls it before any run exists, so a refusal leaves no run row. Nothing by default."""
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model

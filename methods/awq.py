@@ -1,8 +1,8 @@
 """AWQ: activation-aware scaling, then the clipping search, then RTN (Lin et al. 2023).
 
-Block by block, the calibration batches run through the model (stopped after the block, as in
-``methods/gptq.py``) and the inputs of the block's attention, MLP, o_proj and down_proj are
-captured. For each group of linears sharing an input, ``harness.quant.awq.search_scales`` picks
+Block by block (``methods.blockwise``, as GPTQ: the first block's calls recorded once, then
+each block run on its own, its full-precision outputs the next block's inputs), the inputs of
+the block's attention, MLP, o_proj and down_proj are captured. For each group of linears sharing an input, ``harness.quant.awq.search_scales`` picks
 ``s = x_mean ** alpha`` minimising the error of the module that holds the group, as the
 reference's ``auto_scale_block`` does: the attention block's output for q/k/v, the MLP's output
 for gate/up, the linear's own output for o_proj and down_proj. The scales are folded (norm
@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from harness.api import Needs
 from harness.errors import HarnessError
-from harness.models import no_cache
 from harness.quant.awq import (
     activation_mean,
     fold_into_norm,
@@ -43,6 +42,7 @@ from harness.quant.awq import (
 )
 from harness.quant.modules import decoder_blocks
 from harness.registry import register_method
+from methods.blockwise import Call, capture_calls, hidden_of, run_block, with_hidden
 from methods.clip import Clip, ClipConfig, split_layer_name
 from methods.weightquant import IntDefaultConfig
 
@@ -62,9 +62,6 @@ class AWQConfig(IntDefaultConfig, ClipConfig):
     awq_grid: int = Field(20, ge=1, description="scale exponents tried, alpha = i / awq_grid "
                           "(reference 20; 1 = alpha 0 only, i.e. plain clip)")
 
-
-class _Stop(Exception):
-    """Ends a calibration forward once the block of interest has run."""
 
 
 
@@ -96,8 +93,8 @@ def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_block(model: nn.Module, block: nn.Module, batches: torch.Tensor) -> BlockInputs:
-    """Runs the calibration batches up to ``block`` and records its modules' inputs."""
+def capture_block(block: nn.Module, calls: list[Call]) -> BlockInputs:
+    """Runs ``block`` on its recorded calls and records its modules' inputs."""
     got = BlockInputs()
 
     def call(store):
@@ -110,9 +107,6 @@ def capture_block(model: nn.Module, block: nn.Module, batches: torch.Tensor) -> 
             store.append(args[0])
         return fn
 
-    def stop(_mod, _args, _out):
-        raise _Stop
-
     handles = [
         block.get_submodule("self_attn").register_forward_pre_hook(call(got.attn_calls),
                                                                    with_kwargs=True),
@@ -121,14 +115,9 @@ def capture_block(model: nn.Module, block: nn.Module, batches: torch.Tensor) -> 
         block.get_submodule("self_attn.o_proj").register_forward_pre_hook(linear_in(got.o_inputs)),
         block.get_submodule("mlp.down_proj").register_forward_pre_hook(
             linear_in(got.down_inputs)),
-        block.register_forward_hook(stop),
     ]
-    device = next(model.parameters()).device
-    kwargs = no_cache(model)
     try:
-        for row in batches:
-            with contextlib.suppress(_Stop):
-                model(row.unsqueeze(0).to(device), **kwargs)
+        run_block(block, calls)
     finally:
         for h in handles:
             h.remove()
@@ -181,10 +170,12 @@ def awq_scale_model(model: nn.Module, config: AWQConfig, ctx) -> dict[str, float
     for name, block in blocks:
         check_llama_block(name, block)
     chosen: dict[str, float] = {}
-    for block_name, block in tqdm(blocks, desc="awq scales", unit="layer", leave=False):
-        got = capture_block(model, block, batches)
-        if not got.attn_calls or not got.mlp_calls:
-            continue  # the forward never reached this block
+    calls = capture_calls(model, [b for _, b in blocks], batches)
+    hidden = [hidden_of(c) for c in calls[0]]
+    for (block_name, block), block_calls in tqdm(list(zip(blocks, calls, strict=True)),
+                                                 desc="awq scales", unit="layer", leave=False):
+        block_calls = [with_hidden(c, x) for c, x in zip(block_calls, hidden, strict=True)]
+        got = capture_block(block, block_calls)
         part = block.get_submodule
         attn, mlp = part("self_attn"), part("mlp")
         q, k, v, o = (part(f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -224,6 +215,8 @@ def awq_scale_model(model: nn.Module, config: AWQConfig, ctx) -> dict[str, float
             ctx.recorder.layer_stat(layer, first, "awq_scaled_err", res.err_best)
             chosen[f"{block_name}.{first}"] = res.alpha
         del got
+        # the next block's inputs: the folds keep this block's full-precision function
+        hidden = run_block(block, block_calls)
     return chosen
 
 
@@ -245,12 +238,15 @@ def fold(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> Non
 class AWQ(Clip):
     """AWQ: activation-aware per-channel scaling, the clipping search, then RTN."""
 
+    citation = ("Lin et al. 2023, AWQ: Activation-aware Weight Quantization for LLM Compression and "
+                "Acceleration, arXiv 2306.00978")
+
     Config = AWQConfig
 
     def needs(self):
         # The scale search reads calibration even with clip=false.
         return Needs(calibration=self.config.calibration())
 
-    def prepare(self, model, ctx):
+    def init_weights(self, model, ctx):
         awq_scale_model(model, self.config, ctx)
-        return super().prepare(model, ctx)
+        super().init_weights(model, ctx)  # the clipping search on the scaled weights

@@ -179,6 +179,8 @@ def method_config_values(method_cls, overrides: dict[str, Any], profile: str,
 
         values["group_size"] = resolve_group_size(in_features, values.get("group_size"))
     config = validate_method_config(method_cls, values)
+    if in_features:
+        method_cls(config).check_shapes(set(in_features))
     return config.model_dump(mode="json")
 
 

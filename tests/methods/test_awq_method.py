@@ -98,3 +98,27 @@ def test_cli_run_stores_a_ppl(run_quick):
     runs = run_quick("awq")
     assert set(runs) == {"awq"}
     assert runs["awq"]["status"] == "finished" and runs["awq"]["metrics"]["ppl"] > 0
+
+
+def test_blocks_are_calibrated_one_by_one():
+    # each block runs twice per calibration batch (its inputs recorded, then its outputs for
+    # the next block): 2L block forwards, not a forward of the model up to every block
+    from transformers import LlamaForCausalLM
+
+    from harness.quant.modules import decoder_blocks
+
+    config = tiny_llama_config(256)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    original = copy.deepcopy(model)
+    counts = [0] * 4
+    for i, (_, block) in enumerate(decoder_blocks(model, "awq")):
+        block.register_forward_hook(lambda *_a, i=i: counts.__setitem__(i, counts[i] + 1))
+    ctx = _ctx(256, samples=3)
+    cfg = _method("awq", bits=3, group_size=32, calib_samples=3, calib_seq_len=32).config
+    awq_scale_model(model, cfg, ctx)
+    assert counts == [3 * 2] * 4
+    tokens = ctx.calibration()
+    torch.testing.assert_close(_logits(model, tokens), _logits(original, tokens), rtol=1e-4,
+                               atol=1e-4)

@@ -138,3 +138,23 @@ def test_bad_input_is_one_line(bad):
     with pytest.raises(HarnessError) as exc:
         gptq_quantize(w, h, fmt)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("spec", FORMATS[:4])
+def test_identity_hessian_with_pinning_is_rtn_but_at_the_pinned_extremes(spec):
+    """With H = I nothing is fed forward, so pinning changes only the elements it pins: each
+    group's max and min (absmax for symmetric grids); ternary absmean pins nothing."""
+    fmt = get_format(*spec)
+    w, _, _ = _weight_and_hessian()
+    rtn = fmt.fake_quantize(w, scale_dtype=torch.float16)
+    q = gptq_quantize(w, torch.eye(w.shape[1]), fmt).weight
+    gs = fmt.group_size
+    g = w.reshape(w.shape[0], -1, gs)
+    pinned = torch.zeros_like(g, dtype=torch.bool)
+    symmetric = (fmt.name == "int" and fmt.symmetric) or fmt.name == "ternary"
+    for idx in ([g.abs().argmax(-1)] if symmetric else [g.argmax(-1), g.argmin(-1)]):
+        pinned.scatter_(-1, idx.unsqueeze(-1), True)
+    pinned = pinned.reshape(w.shape)
+    if fmt.name == "ternary" and fmt.scaling == "absmean":
+        pinned[:] = False
+    assert torch.equal(q[~pinned], rtn[~pinned])
