@@ -166,6 +166,9 @@ def to_phased_linears(model, config: BitNetConfig, phase: PhaseIn):
 class BitNet(QAT):
     """BitNet b1.58: ternary QAT with lambda phase-in, optional 8-bit activations."""
 
+    citation = ("Ma et al. 2024, The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits, "
+                "arXiv 2402.17764")
+
     Config = BitNetConfig
 
     def __init__(self, config=None) -> None:
@@ -173,6 +176,7 @@ class BitNet(QAT):
         self.phase = PhaseIn(1.0)
 
     def prepare(self, model, ctx):
+        self.init_weights(model, ctx)  # the pretrained weights unless init= names a start
         return to_phased_linears(model, self.config, self.phase)
 
     def objective(self, ctx):

@@ -100,6 +100,9 @@ def split_layer_name(name: str) -> tuple[str, str]:
 class Clip(RTN):
     """RTN after the asymmetric clipping search on calibration activations."""
 
+    citation = ("BitDistiller's asymmetric clipping (Du et al. 2024, arXiv 2402.10631), after AWQ's "
+                "auto-clip (Lin et al. 2023, arXiv 2306.00978)")
+
     Config = ClipConfig
 
     def needs(self):
@@ -107,7 +110,6 @@ class Clip(RTN):
             return Needs()
         return Needs(calibration=self.config.calibration())
 
-    def prepare(self, model, ctx):
+    def init_weights(self, model, ctx):
         if self.config.clip:
             clip_model(model, self.config, ctx)
-        return super().prepare(model, ctx)

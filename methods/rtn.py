@@ -17,7 +17,13 @@ class RTN(Method):
 
     Config = RTNConfig
 
+    def init_weights(self, model, ctx) -> None:
+        """Sets the latent weights (in place) that the format's quantizer turns into this
+        method's result; RTN keeps the pretrained ones. The post-training rungs override it, and
+        the trained methods' ``init`` borrows it (``methods.init``)."""
+
     def prepare(self, model, ctx):
+        self.init_weights(model, ctx)
         return to_quant_linears(model, self.config)
 
     def finalize(self, model, ctx):

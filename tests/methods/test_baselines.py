@@ -23,7 +23,7 @@ def test_configs_and_needs():
     assert _method("gptq", calib_samples=4, calib_seq_len=64).needs().calibration == \
         Calibration(4, 64)
     assert _method("gptq", fmt="nf3").config.fmt == "nf3"
-    assert _method("hqq").config.fmt == "int" and _method("hqq").needs().calibration is None
+    assert _method("hqq").config.fmt == "intfz" and _method("hqq").needs().calibration is None
     with pytest.raises(Exception, match="hqq needs fmt=int"):
         _method("hqq", fmt="nf3")
 
