@@ -130,6 +130,7 @@ def _print_eval_note(specs) -> None:
 
 def cmd_methods(args) -> int:
     from pydantic import ValidationError
+    from pydantic_core import to_jsonable_python
 
     from harness.registry import METHODS, get_method
 
@@ -137,19 +138,24 @@ def cmd_methods(args) -> int:
     for name in METHODS.names():
         cls = get_method(name)
         try:  # the defaults as a run gets them: validators fill some (fmt follows bits)
-            fields = cls.Config().model_dump(mode="json")
+            config = cls.Config()
+            # every field, those a run's dump leaves out while unset (init) included
+            fields = {k: to_jsonable_python(getattr(config, k)) for k in cls.Config.model_fields}
         except ValidationError:  # a plugin config with required fields: the declared ones
             fields = {}
             for fname, field in cls.Config.model_fields.items():
                 default = (field.default if field.default_factory is None
                            else field.default_factory())
                 fields[fname] = default.model_dump() if hasattr(default, "model_dump") else default
-        rows.append({"name": name, "description": cls.summary(), "config": fields})
+        rows.append({"name": name, "description": cls.summary(),
+                     "citation": vars(cls).get("citation", ""), "config": fields})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for row in rows:
         print(f"{row['name']:14s} {row['description']}")
+        if row["citation"]:
+            print(f"    ({row['citation']})")
         for k, v in row["config"].items():
             print(f"    {k} = {json.dumps(v, default=str)}")
     return 0

@@ -49,6 +49,9 @@ def estimate_gamma(variant: str, ctx, batch_size: int, data_kind: str = "teacher
 class BitDistiller(QAT):
     """Clipping init + self-distillation (CAKLD) on teacher-generated data."""
 
+    citation = ("Du et al. 2024, BitDistiller: Unleashing the Potential of Sub-4-Bit LLMs via Self-"
+                "Distillation, arXiv 2402.10631")
+
     Config = BitDistillerConfig
 
     def objective(self, ctx):

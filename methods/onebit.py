@@ -47,6 +47,9 @@ class OneBitConfig(MethodConfig):
 class OneBit(Method):
     """1-bit weights (sign) + value vectors, SVID init, KD on logits and hidden states."""
 
+    citation = ("Xu et al. 2024, OneBit: Towards Extremely Low-bit Large Language Models, "
+                "arXiv 2402.11295")
+
     Config = OneBitConfig
 
     def needs(self):

@@ -71,6 +71,27 @@ def test_methods_lists_fields(cli):
     assert rows["bitdistiller"]["config"]["loss"] == "cakld"
 
 
+#: each paper's arXiv id (hqq: the authors' blog, it has no paper)
+PAPERS = {"gptq": "2210.17323", "awq": "2306.00978", "hqq": "Badri", "bitnet": "2402.17764",
+          "paretoq": "2502.02631", "bitdistiller": "2402.10631", "onebit": "2402.11295"}
+
+
+def test_methods_cite_their_papers_and_show_their_defaults(cli):
+    code, out, _ = cli("methods", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    for name, ref in PAPERS.items():
+        assert ref in rows[name]["citation"], name
+    assert rows["qat"]["citation"] == ""  # not inherited from clip's
+    assert rows["gptq"]["config"]["damp"] == 0.01 and rows["gptq"]["config"]["fmt"] == "int"
+    assert rows["awq"]["config"]["awq_grid"] == 20 and rows["hqq"]["config"]["lp_norm"] == 0.7
+    assert rows["bitnet"]["config"]["fmt"] == "ternary"
+    # a field a run's dump leaves out while unset is still documented
+    assert rows["bitdistiller"]["config"]["init"] is None
+    code, text, _ = cli("methods")
+    assert "arXiv 2210.17323" in text
+
+
 @pytest.mark.parametrize("missing,argv,needle", [
     ("harness.orchestration.experiments", ["run", EXPERIMENT], "experiment files: not available"),
     ("dashboard.launch", ["dashboard"], "the dashboard: not available"),
