@@ -61,9 +61,23 @@ def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return digits.reshape(-1)[:numel].to(torch.uint8)
 
 
+class TritPacking:
+    """Codes in {0, 1, 2} stored five to a byte: the storage of every three-level format (this
+    one, and three-level formats of plugins)."""
+
+    def codes_nbytes(self, numel: int) -> int:
+        return -(-numel // TRITS_PER_BYTE)
+
+    def pack_codes(self, codes):
+        return pack_trits(codes)
+
+    def unpack_codes(self, packed, numel):
+        return unpack_trits(packed, numel)
+
+
 @register_format("ternary")
 @dataclass(frozen=True, kw_only=True)
-class TernaryFormat(Format):
+class TernaryFormat(TritPacking, Format):
     """{-1, 0, +1} x fp16 scale per group; ``bits`` is always 2 in specs (the integer width
     of a trit), storage is 1.6 bits per weight plus scales."""
 
@@ -119,15 +133,6 @@ class TernaryFormat(Format):
             # `xg - xg.detach()` is exactly 0 forward, so the value stays the packed one.
             out = out + (xg - xg.detach())
         return out.reshape(w.shape).to(out_dtype or w.dtype)
-
-    def codes_nbytes(self, numel: int) -> int:
-        return -(-numel // TRITS_PER_BYTE)
-
-    def pack_codes(self, codes):
-        return pack_trits(codes)
-
-    def unpack_codes(self, packed, numel):
-        return unpack_trits(packed, numel)
 
     def unpack(self, p):
         q = super().unpack(p)

@@ -49,7 +49,7 @@ from harness.quant.formats import Format, register_format
 from harness.quant.grid import div_exact
 from harness.quant.packed import PackedTensor
 from harness.quant.primitives import QParams, grouped
-from harness.quant.ternary import TRITS_PER_BYTE, pack_trits, unpack_trits
+from harness.quant.ternary import TritPacking
 
 #: the reference's floor on alpha (``torch.where(alpha > eps, alpha, eps)``)
 ALPHA_EPS = 1e-5
@@ -270,7 +270,7 @@ class SEQFormat(ParetoQFormat):
 
 @register_format("seq_ternary")
 @dataclass(frozen=True, kw_only=True)
-class SEQTernaryFormat(ParetoQFormat):
+class SEQTernaryFormat(TritPacking, ParetoQFormat):
     """ParetoQ's 1.58-bit stretched elastic grid: {-2/3, 0, 2/3} x alpha, five trits per
     byte; ``bits`` is 2 in specs (as ``ternary``)."""
 
@@ -290,15 +290,6 @@ class SEQTernaryFormat(ParetoQFormat):
 
     def label(self) -> str:
         return f"seq_ternary g{self.group_size}"
-
-    def codes_nbytes(self, numel: int) -> int:
-        return -(-numel // TRITS_PER_BYTE)
-
-    def pack_codes(self, codes):
-        return pack_trits(codes)
-
-    def unpack_codes(self, packed, numel):
-        return unpack_trits(packed, numel)
 
 
 @register_format("lsq")
