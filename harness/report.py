@@ -179,6 +179,15 @@ def _ladder_key(e: dict) -> tuple:
             e["fmt"] or "", group, e["id"])
 
 
+def method_label(e: dict) -> str:
+    """The method, with the start a trained run of the weight ladder took when it was not its
+    own (``init``, stored beside the ``clip`` flag it replaces; OneBit's ``init`` is its own
+    decomposition, not a start, and has no such flag)."""
+    config = (e.get("spec") or {}).get("config") or {}
+    init = config.get("init") if "clip" in config else None
+    return f"{e['method']} (init={init})" if init else e["method"]
+
+
 def _train_steps(spec: dict) -> int | None:
     train = ((spec or {}).get("config") or {}).get("train")
     return train.get("steps") if isinstance(train, dict) else None
@@ -248,8 +257,8 @@ def report_table(entries, methods: list[str] | None = None
             cells = [replicate_cell(group, "ppl", sep=" ± "), "-", fmt_num(ratio),
                      *(replicate_cell(group, f"{t}/acc", 3, " ± ") for t in tasks),
                      replicate_cell(group, "acc_avg", 3, " ± ")]
-        row += [e["method"], e["fmt"] or "-", fmt_num(e["bits"]), fmt_num(e["group_size"]),
-                *cells, fmt_num(m.get("bits_per_weight"), 3),
+        row += [method_label(e), e["fmt"] or "-", fmt_num(e["bits"]),
+                fmt_num(e["group_size"]), *cells, fmt_num(m.get("bits_per_weight"), 3),
                 fmt_num(m.get("size_mb")), fmt_num(_train_steps(e["spec"]))]
         rows.append(row)
         note = _protocol_note(e["spec"])

@@ -133,6 +133,17 @@ def test_report_of_one_protocol_has_no_protocol_column(cli, store, db_url):
         "| rtn | int | 2 | 64 | 45.00 | - | 1.50 | - | - | - | - |"]
 
 
+def test_report_names_a_trained_runs_start(cli, store, db_url):
+    _add(store, "fp", {}, {"ppl": 30.0})
+    _add(store, "qat", _q(2, "int", steps=20), {"ppl": 60.0})
+    _add(store, "qat", {**_q(2, "int", steps=20), "clip": False, "init": "gptq"}, {"ppl": 50.0})
+    _add(store, "onebit", {"weight_bits": 1, "init": "svid"}, {"ppl": 900.0})
+    code, out, _ = cli("report", "--markdown", "--db", db_url)
+    assert code == 0
+    rows = [line.split(" | ")[0].lstrip("| ") for line in out.splitlines()[2:6]]
+    assert rows == ["fp", "qat", "qat (init=gptq)", "onebit"]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--db", "sqlite:///{tmp}/none.db"], "does not exist"),
     (["--db", "notaurl"], "not a SQLAlchemy URL"),
