@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun finished runs too")
     p.add_argument("--no-fp", action="store_true", help="skip the unquantized reference run (fp)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each planned run's estimated peak memory per device and whether "
+                        "it fits, from the model's config only; loads, runs and stores nothing")
+    p.add_argument("--device-mem", type=float, default=None, metavar="GB",
+                   help="with --dry-run: memory of one device in GiB (default: the GPU's total, "
+                        "else this machine's RAM)")
     _add_db(p)
 
     p = sub.add_parser("methods", help="list registered methods and their config fields")

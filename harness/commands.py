@@ -24,6 +24,10 @@ def cmd_run(args) -> int:
     experiment = _experiment_of(args)
     specs = plan_runs(experiment)
     scheduler = experiment.scheduler
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, experiment, specs)
+    if getattr(args, "device_mem", None) is not None:
+        raise HarnessError("--device-mem only applies with --dry-run; add --dry-run or drop it")
     _check_scheduler_flags(args, scheduler)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
         _check_task_data(specs)
@@ -66,6 +70,19 @@ def cmd_run(args) -> int:
         print(f"error: run {o.spec.run_key} ({o.spec.method}) failed: "
               f"{o.error.splitlines()[0]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _dry_run(args, experiment, specs) -> int:
+    """``harness run --dry-run``: each run's estimated peak memory per device, nothing loaded,
+    run or stored; a run that cannot fit is an error naming the options (exit 2)."""
+    from harness.memory_plan import dry_run
+
+    if args.device_mem is not None and args.device_mem <= 0:
+        raise HarnessError(f"--device-mem {args.device_mem:g}: expected a positive size in GiB")
+    workers = (getattr(args, "workers_per_run", None)
+               or getattr(experiment, "workers_per_run", None) or 1)
+    print(dry_run(specs, args.device, args.device_mem, workers=int(workers)))
+    return 0
 
 
 def _experiment_of(args):

@@ -1,0 +1,394 @@
+"""Peak-memory estimate of a planned run, from the model's config alone (no weights loaded).
+
+``harness run ... --dry-run`` prints, per planned run, the estimated peak memory of one device
+(one worker) and whether it fits; a run that does not fit is refused in one line naming the
+ways out. The estimate is the largest of three phases plus a fixed runtime term:
+
+* ``prepare`` (post-training methods with calibration data: gptq, awq, clip): weights +
+  one decoder block's calibration inputs/outputs and MLP intermediates, + GPTQ's Hessians of
+  one block.
+* ``train`` (methods with a training objective): weights + gradients + AdamW + teacher +
+  fake-quantized weights saved for backward + activations + logits (see :func:`estimate`).
+* ``eval``: weights (+ the teacher, which the run keeps until it ends) + one perplexity
+  window's logits and its log-softmax + one layer's attention scores and MLP intermediates.
+
+Sizes follow what the code holds (``harness/train/trainer.py``, ``autocast.py``,
+``losses.py``, ``eval/ppl.py``): the model is loaded in float32 on every device; the GPU trains
+under bf16 autocast (activations 2 bytes, fp32 master weights, gradients and AdamW state); the
+frozen teacher's linears are cast to bf16 on the GPU (its embedding stays fp32); the CPU trains
+in float32. Several workers (FSDP) shard weights, gradients and AdamW state by the worker count;
+the teacher is replicated and each worker holds its own micro-batch's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = 1 << 30
+
+#: Process memory that is no tensor of the run on the CPU: the Python/torch/transformers/
+#: lm-eval runtime, the tokenizer, the data, glibc's retained heap (``harness.host_memory``) and
+#: lm-eval's batches. Calibrated ONCE on the finished SmolLM2 ``fp`` run of a baseline database
+#: (measured peak_rss_mb 2,857.9 MB minus this module's tensor estimate for that run, 1,461 MB); every
+#: other run is a check of the estimate, not a fit. See /tmp/memory_plan_notes.md.
+CPU_RUNTIME_BYTES = 1397 * 2**20
+#: CUDA context and allocator slack on a GPU: an assumption (not measured here).
+GPU_RUNTIME_BYTES = 1 * GiB
+
+#: logits-sized [tokens x vocab] tensors alive at a training step's peak, besides the student's
+#: (and teacher's) logits themselves, which are ``act_bytes`` each: CE keeps the log-softmax and
+#: makes its gradient (2 fp32); the distillation losses (``_KLPair``) keep both log-softmaxes
+#: and build the probabilities, their difference and the gradient (5 fp32).
+LOSS_FP32_COPIES = {"ce": 2, "kd": 5}
+
+#: training methods whose layers are fake-quantized (or OneBit's sign layers) in the forward:
+#: one weight-sized tensor per layer saved for backward.
+TRAIN_QUANTIZED = ("qat", "bitdistiller", "onebit", "paretoq", "bitnet")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a llama-style decoder that memory depends on."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(vocab=int(config.vocab_size), hidden=hidden,
+                   layers=int(config.num_hidden_layers), heads=heads,
+                   kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                   head_dim=int(head_dim), intermediate=int(config.intermediate_size),
+                   tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   attention_bias=bool(getattr(config, "attention_bias", False)),
+                   mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        """lm_head's own parameters (0 when tied to the embedding)."""
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def layer_linear_params(self) -> int:
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv + h
+        mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
+        return attn + mlp
+
+    @property
+    def layer_params(self) -> int:
+        return self.layer_linear_params + 2 * self.hidden  # + two RMSNorm gains
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the decoder linears (what the methods quantize)."""
+        return self.layers * self.layer_linear_params
+
+    @property
+    def params(self) -> int:
+        """Every parameter, a tied embedding/lm_head counted once (``model.parameters()``)."""
+        return (self.embedding_params + self.head_params + self.layers * self.layer_params
+                + self.hidden)  # final norm
+
+    def trainable_params(self, trainable: str) -> int:
+        if trainable == "all":
+            return self.params
+        return self.params - self.embedding_params - self.head_params
+
+
+def model_shape(name: str) -> ModelShape:
+    """The shape of ``name`` from its config only. A local folder needs nothing but
+    ``config.json``; the embedded ``smollm2-135m``/``tiny-llama`` read the converted checkpoint's
+    config / the tokenizer (converting the GGUF once if the cache is empty, which loads it)."""
+    from harness.models import model_config
+
+    return ModelShape.from_config(model_config(name))
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class Estimate:
+    """Bytes per device of one run at its peak phase, component by component."""
+
+    workers: int
+    device_type: str
+    phase: str  # the phase whose total is the peak: prepare, train or eval
+    components: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return max(self.phases.values())
+
+
+def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+    """Bytes one decoder layer saves for backward, for ``tokens`` tokens.
+
+    Per token: the two residual-stream inputs of the RMSNorms and the two normalized
+    tensors (fp32 in HF's RMSNorm, whatever the autocast: 4 x 4h bytes); in ``act_bytes``
+    (4 fp32 / 2 bf16 autocast): the two norm outputs fed to the linears (2h), the rotated
+    query (q) and key (kv) and the value (kv) kept by attention, its output and the
+    o_proj input (2q), gate, up, SiLU(gate) and their product (4i). Attention's own
+    log-sum-exp (heads floats per token) is negligible and left out.
+    """
+    h, q, kv, i = (shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim,
+                   shape.intermediate)
+    per_token = 16 * h + act_bytes * (2 * h + 3 * q + 2 * kv + 4 * i)
+    return tokens * per_token
+
+
+def _loss_kind(method: str, config: dict) -> str:
+    if method in ("bitdistiller", "onebit"):
+        return "kd"
+    return "ce"
+
+
+def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq_len: int,
+             teacher: bool = False, calibration: tuple[int, int] | None = None,
+             device_type: str = "cpu", workers: int = 1,
+             grad_checkpointing: bool | None = None) -> Estimate:
+    """Estimated peak bytes of one device for one run.
+
+    Args:
+        shape: the model (:func:`model_shape`).
+        method: the method's name; ``config`` its config (``spec.config``), whose ``train``
+            (when present and the method trains) gives batch_size, seq_len, trainable.
+        eval_seq_len: the perplexity window.
+        teacher: the method runs a frozen teacher (``Method.needs().teacher_model``).
+        calibration: ``(samples, seq_len)`` of calibration data, if the method reads some.
+        device_type: ``cpu`` or ``cuda``.
+        workers: FSDP workers of the run (weights, gradients, AdamW sharded by it).
+        grad_checkpointing: None: ``train.grad_checkpointing`` of the config (False if absent).
+    """
+    gpu = device_type == "cuda"
+    act = 2 if gpu else 4
+    w = max(1, int(workers))
+    P = shape.params
+    c: dict[str, int] = {}
+    phases: dict[str, int] = {}
+    c["weights"] = math.ceil(P * 4 / w)  # loaded in float32 on every device
+    if teacher:
+        if gpu:  # frozen linears cast to bf16 (autocast.frozen_linears_in), embedding fp32
+            c["teacher"] = shape.embedding_params * 4 + (P - shape.embedding_params) * 2
+        else:
+            c["teacher"] = P * 4
+    else:
+        c["teacher"] = 0
+
+    train = config.get("train") if isinstance(config.get("train"), dict) else None
+    if train is not None:
+        trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
+        ckpt = train.get("grad_checkpointing", False) if grad_checkpointing is None \
+            else grad_checkpointing
+        tokens = int(train["batch_size"]) * int(train["seq_len"])
+        c["grads"] = math.ceil(trainable * 4 / w)
+        c["adamw"] = math.ceil(trainable * 8 / w)
+        extra = 0
+        if method in TRAIN_QUANTIZED:  # the quantized weight each layer saves for backward
+            extra += shape.linear_params * act
+        if gpu:  # autocast's bf16 copies of the trainable linears, within the step
+            extra += math.ceil(shape.linear_params * 2 / w)
+        c["fake_quant"] = extra
+        per_layer = layer_activation_bytes(shape, tokens, act)
+        if ckpt:  # one residual per layer kept, one layer's activations recomputed at a time
+            acts = shape.layers * tokens * shape.hidden * 4 + per_layer
+        else:
+            acts = shape.layers * per_layer
+        if method == "onebit":  # hidden states of both models, stacked in fp32 for the MSE
+            acts += 3 * (shape.layers + 1) * tokens * shape.hidden * 4
+        c["activations"] = acts
+        kind = _loss_kind(method, config)
+        models = 2 if teacher else 1
+        c["logits"] = tokens * shape.vocab * (models * act + 4 * LOSS_FP32_COPIES[kind])
+        phases["train"] = (c["weights"] + c["teacher"] + c["grads"] + c["adamw"] + extra
+                           + acts + c["logits"])
+        if method == "bitdistiller" and config.get("gamma") in ("paper", "code"):
+            # estimate_gamma keeps the fp32 teacher logits of its first 11 batches (the
+            # teacher outside training autocast: fp32 weights), + one log-softmax
+            batches = min(11, max(1, int(train.get("teacher_samples", 64))
+                                  // int(train["batch_size"])))
+            c["gamma"] = (batches + 1) * tokens * shape.vocab * 4
+            phases["objective"] = c["weights"] + P * 4 + c["gamma"]
+    else:
+        c.update(grads=0, adamw=0, fake_quant=0, activations=0, logits=0)
+    c.setdefault("gamma", 0)
+    if calibration is not None and train is None:
+        samples, seq = calibration
+        t = samples * seq
+        h, i = shape.hidden, shape.intermediate
+        calib = t * (2 * h + 2 * i) * 4  # a block's inputs, outputs, one MLP's intermediates
+        if method == "gptq":  # H = 2 X^T X / n per linear of one block
+            calib += (6 * h * h + i * i) * 4
+        c["calibration"] = calib
+        phases["prepare"] = c["weights"] + calib
+    else:
+        c["calibration"] = 0
+    T, V = eval_seq_len, shape.vocab
+    # logits + log_softmax (fp32), one layer's attention scores (CPU SDPA without a fused
+    # kernel for the mask) and MLP intermediates: no_grad, transient
+    c["eval"] = 2 * T * V * 4 + shape.heads * T * T * 4 + 3 * T * shape.intermediate * 4
+    phases["eval"] = c["weights"] + c["teacher"] + c["eval"]
+    runtime = GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
+    c["runtime"] = runtime
+    phases = {k: v + runtime for k, v in phases.items()}
+    peak = max(phases, key=phases.get)
+    return Estimate(workers=w, device_type=device_type, phase=peak, components=c, phases=phases)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def estimate_spec(spec, shape: ModelShape, device_type: str = "cpu", workers: int = 1,
+                  **overrides) -> Estimate:
+    """:func:`estimate` for a planned :class:`~harness.config.RunSpec`."""
+    from harness.registry import build_method
+
+    method = build_method(spec)
+    needs = method.needs()
+    has_objective = "train" in type(method.config).model_fields
+    config = dict(spec.config)
+    if not has_objective:
+        config.pop("train", None)
+    calib = needs.calibration
+    return estimate(shape, spec.method, config, eval_seq_len=spec.eval.seq_len,
+                    teacher=bool(needs.teacher_model),
+                    calibration=(calib.samples, calib.seq_len) if calib else None,
+                    device_type=device_type, workers=workers, **overrides)
+
+
+def device_memory(device: str | None, given_gib: float | None) -> tuple[str, int, str]:
+    """``(device type, bytes, where the number came from)``: ``--device-mem`` if given, else
+    the GPU's total memory, else the machine's total RAM."""
+    import torch
+
+    dev = torch.device(device) if device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if given_gib is not None:
+        return dev.type, int(given_gib * GiB), "--device-mem"
+    if dev.type == "cuda":
+        _free, total = torch.cuda.mem_get_info(dev)
+        return "cuda", int(total), torch.cuda.get_device_name(dev)
+    try:
+        import psutil
+
+        return dev.type, int(psutil.virtual_memory().total), "RAM (psutil)"
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return dev.type, int(line.split()[1]) * 1024, "RAM (/proc/meminfo)"
+    raise RuntimeError("cannot tell this machine's memory; pass --device-mem GB")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.2f}"
+
+
+COLUMNS = ("run", "method", "workers", "weights", "grads", "adamw", "teacher", "fake_quant",
+           "activations", "logits", "gamma", "calibration", "eval", "runtime", "peak (phase)",
+           "device", "fits")
+
+
+def plan_table(rows: list[tuple[Any, Estimate]], device_bytes: int) -> str:
+    from harness.report import table
+
+    out = []
+    for spec, est in rows:
+        c = est.components
+        out.append([spec.run_key, spec.method, est.workers,
+                    *(_gib(c[k]) for k in COLUMNS[3:14]),
+                    f"{_gib(est.total)} ({est.phase})", _gib(device_bytes),
+                    "yes" if est.total <= device_bytes else "NO"])
+    return table(list(COLUMNS[:3]) + [f"{k} GiB" for k in COLUMNS[3:14]]
+                 + ["peak GiB (phase)", "device GiB", "fits"], out)
+
+
+def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_bytes: int) -> str:
+    """The options that would make ``spec`` fit, each with its estimate."""
+    from harness.train.config import TrainConfig
+
+    opts = []
+    for n in (2, 4, 8, 16, 32, 64):
+        if n > workers:
+            est = estimate_spec(spec, shape, device_type, n)
+            if est.total <= device_bytes:
+                opts.append(f"more workers ({n} per run: {_gib(est.total)} GiB each)")
+                break
+    else:
+        opts.append("more workers (not enough even at 64)")
+    train = spec.config.get("train") if isinstance(spec.config.get("train"), dict) else None
+    if train is not None:
+        est = estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
+        flag = ("--set train.grad_checkpointing=true" if "grad_checkpointing"
+                in TrainConfig.model_fields else "gradient checkpointing (not yet a train setting)")
+        opts.append(f"{flag} ({_gib(est.total)} GiB)")
+        bs, ga = int(train["batch_size"]), int(train["grad_accum"])
+        for b in range(bs - 1, 0, -1):
+            cfg = {**spec.config, "train": {**train, "batch_size": b}}
+            small = spec.model_copy(update={"config": cfg})
+            est = estimate_spec(small, shape, device_type, workers)
+            if est.total <= device_bytes:
+                ga_new = max(1, bs * ga // b)
+                opts.append(f"a smaller micro-batch (--set train.batch_size={b} --set "
+                            f"train.grad_accum={ga_new}: {_gib(est.total)} GiB)")
+                break
+        else:
+            opts.append("a smaller micro-batch via train.batch_size/train.grad_accum "
+                        "(not enough even at batch_size=1)")
+    else:
+        opts.append("a shorter evaluation window (--seq-len)")
+    return "; ".join(opts)
+
+
+def dry_run(specs, device: str | None, device_mem_gib: float | None, workers: int = 1,
+            shapes: dict[str, ModelShape] | None = None) -> str:
+    """The table of every run's estimate; raises when one does not fit.
+
+    Raises:
+        HarnessError: a run's estimate exceeds the device memory (one line: the run, its
+            estimate, the device's memory, and the options with their estimates).
+    """
+    from harness.errors import HarnessError
+
+    device_type, device_bytes, source = device_memory(device, device_mem_gib)
+    shapes = dict(shapes or {})
+    rows = []
+    for spec in specs:
+        if spec.model not in shapes:
+            shapes[spec.model] = model_shape(spec.model)
+        rows.append((spec, estimate_spec(spec, shapes[spec.model], device_type, workers)))
+    too_big = [(s, e) for s, e in rows if e.total > device_bytes]
+    # name a training run first when there is one: it has every option
+    too_big.sort(key=lambda se: not isinstance(se[0].config.get("train"), dict))
+    if too_big:
+        spec, est = too_big[0]
+        more = f" (and {len(too_big) - 1} more run(s))" if len(too_big) > 1 else ""
+        raise HarnessError(
+            f"run {spec.run_key} ({spec.method}) needs about {_gib(est.total)} GiB per device "
+            f"at its {est.phase} peak with {est.workers} worker(s) but {device_type} has "
+            f"{_gib(device_bytes)} GiB ({source}){more}; options: "
+            f"{ways_out(spec, shapes[spec.model], device_type, workers, device_bytes)}")
+    note = (f"Estimated peak memory per device ({device_type}, {_gib(device_bytes)} GiB from "
+            f"{source}); no weights loaded, nothing run or stored.")
+    return note + "\n" + plan_table(rows, device_bytes)

@@ -1,0 +1,113 @@
+"""harness.memory_plan: parameter counts from configs, the dry run, the refusal, sharding."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from harness.cli import main
+from harness.memory_plan import GiB, ModelShape, estimate
+
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}
+# the papers' BitDistiller settings (experiments/llama2-7b-bitdistiller.yaml)
+BD_TRAIN = {"steps": 200, "batch_size": 8, "grad_accum": 16, "seq_len": 1024,
+            "trainable": "non_embedding", "teacher_samples": 8000}
+
+
+def _numel(config) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", [
+    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False),
+    LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                attention_bias=True, mlp_bias=True),
+    LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k not in ("architectures",
+                                                                   "model_type")}),
+], ids=["tiny-tied-gqa", "gqa-untied", "head_dim-bias", "llama2-7b"])
+def test_parameter_count_equals_the_models_numel(config):
+    assert ModelShape.from_config(config).params == _numel(config)
+
+
+def test_tiny_llama_count_matches_the_real_model():
+    from harness.models import load_model, model_config
+
+    shape = ModelShape.from_config(model_config("tiny-llama"))
+    model, _ = load_model("tiny-llama")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def test_dry_run_prints_a_table_and_stores_nothing(tmp_path, capsys):
+    db = tmp_path / "h.db"
+    rc = main(["run", "--model", "tiny-llama", "--methods", "rtn,qat", "--bits", "3",
+               "--dry-run", "--db", f"sqlite:///{db}", "--output-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "peak GiB (phase)" in out and "fits" in out
+    assert len(re.findall(r"\b(fp|rtn|qat)\b .* yes\s*$", out, re.M)) == 3
+    assert not db.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path, capsys):
+    db = tmp_path / "h.db"
+    rc = main(["run", "--model", "tiny-llama", "--methods", "qat", "--bits", "3", "--dry-run",
+               "--device-mem", "0.001", "--db", f"sqlite:///{db}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    for option in ("more workers", "checkpointing", "train.batch_size"):
+        assert option in err
+    assert not db.exists()
+
+
+def test_llama2_7b_bitdistiller_refused_on_one_80gb_gpu(tmp_path, capsys):
+    folder = tmp_path / "llama2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
+    rc = main(["run", "experiments/llama2-7b-bitdistiller.yaml", "--model", str(folder),
+               "--methods", "bitdistiller", "--tasks", "", "--device", "cuda",
+               "--device-mem", "80", "--dry-run", "--db", f"sqlite:///{tmp_path / 'h.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bitdistiller" in err and "80.00 GiB" in err
+
+
+def test_sharding_over_8_workers_fits_80gb_with_checkpointing():
+    shape = ModelShape.from_config(LlamaConfig(**{k: v for k, v in LLAMA2_7B.items()
+                                                  if k not in ("architectures", "model_type")}))
+    config = {"gamma": "paper", "train": BD_TRAIN}
+    kw = dict(eval_seq_len=2048, teacher=True, calibration=(16, 512), device_type="cuda")
+    one = estimate(shape, "bitdistiller", config, workers=1, **kw)
+    eight = estimate(shape, "bitdistiller", config, workers=8, **kw)
+    ckpt = estimate(shape, "bitdistiller", config, workers=8, grad_checkpointing=True, **kw)
+    assert one.total > 80 * GiB and eight.total > 80 * GiB  # 8 x 1024 tokens of activations
+    assert ckpt.total <= 80 * GiB
+    # weights, gradients and AdamW shard by the workers; the teacher is replicated
+    for k in ("weights", "grads", "adamw"):
+        assert eight.components[k] == pytest.approx(one.components[k] / 8, rel=1e-6)
+    assert eight.components["teacher"] == one.components["teacher"]
+    # fp32 master weights + grads + AdamW: 16 bytes per trainable parameter (6.5B)
+    assert one.components["grads"] + one.components["adamw"] == 12 * shape.trainable_params(
+        "non_embedding")
+
+
+def test_activations_checkpointing_keeps_one_residual_per_layer():
+    shape = ModelShape(vocab=100, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16,
+                       intermediate=128, tied=True)
+    config = {"train": {"batch_size": 2, "seq_len": 32, "trainable": "non_embedding"}}
+    full = estimate(shape, "qat", config, eval_seq_len=64)
+    ckpt = estimate(shape, "qat", config, eval_seq_len=64, grad_checkpointing=True)
+    assert ckpt.components["activations"] < full.components["activations"]
+    assert ckpt.components["activations"] == 4 * 64 * 64 * 4 + full.components["activations"] // 4
