@@ -44,9 +44,10 @@ GPU_RUNTIME_BYTES = 1 * GiB
 #: and build the probabilities, their difference and the gradient (5 fp32).
 LOSS_FP32_COPIES = {"ce": 2, "kd": 5}
 
-#: training methods whose layers are fake-quantized (or OneBit's sign layers) in the forward:
-#: one weight-sized tensor per layer saved for backward.
-TRAIN_QUANTIZED = ("qat", "bitdistiller", "onebit", "paretoq", "bitnet")
+#: config keys of a method that quantizes its weights (OneBit: ``weight_bits``); a trained one
+#: saves one fake-quantized (or sign) weight-sized tensor per layer for backward. Read from the
+#: config, not a list of method names, so plugins count too.
+QUANT_KEYS = ("bits", "weight_bits")
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
-        if method in TRAIN_QUANTIZED:  # the quantized weight each layer saves for backward
+        if any(k in config for k in QUANT_KEYS):  # the weight each layer saves for backward
             extra += shape.linear_params * act
         if gpu:  # autocast's bf16 copies of the trainable linears, within the step
             extra += math.ceil(shape.linear_params * 2 / w)
