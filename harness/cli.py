@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["inline", "ray"], default=None,
                    help="ray (default for experiment files) or inline (in-process)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
-    p.add_argument("--gpus-per-run", type=float, default=None, help="GPUs per Ray task (fractions ok)")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help="GPUs per Ray task (fractions share one; 2 or more: one run's training "
+                        "on that many GPUs, FSDP2)")
+    p.add_argument("--workers-per-run", type=int, default=None, metavar="N",
+                   help="train each run on N Ray Train workers (FSDP2; CPUs: gloo, GPUs: NCCL); "
+                        "the batch is the global batch, the run key does not change")
     p.add_argument("--cpus-per-run", type=float, default=None,
                    help="CPUs Ray reserves per run (default 1; fractions run more at once)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")

@@ -29,6 +29,8 @@ def cmd_run(args) -> int:
     if getattr(args, "device_mem", None) is not None:
         raise HarnessError("--device-mem only applies with --dry-run; add --dry-run or drop it")
     _check_scheduler_flags(args, scheduler)
+    if experiment.train_workers:
+        _check_distributable(specs, experiment.train_workers)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
         _check_task_data(specs)
         from harness.eval.ppl_data import check_available
@@ -44,7 +46,8 @@ def cmd_run(args) -> int:
                        device=args.device, experiment_id=experiment_id,
                        ray_address=getattr(args, "ray_address", None),
                        gpus_per_run=experiment.gpus_per_run or 0.0,
-                       cpus_per_run=getattr(args, "cpus_per_run", None) or 1.0)
+                       cpus_per_run=getattr(args, "cpus_per_run", None) or 1.0,
+                       workers_per_run=experiment.train_workers)
     entries = [store.run_as_dict(store.get_run(o.run_id)) for o in outcomes]
     # the FP PPL of each evaluation protocol, from this command or the database
     fp_ppl = fp_references(store.run_as_dict(r) for r in store.runs("finished")
@@ -72,6 +75,17 @@ def cmd_run(args) -> int:
     return 1 if failed else 0
 
 
+def _check_distributable(specs, workers: int) -> None:
+    """Before any run row: every training run's settings split over ``workers``."""
+    from harness.registry import build_method
+    from harness.train.distributed import check_distributable
+
+    for spec in specs:
+        train = getattr(build_method(spec).config, "train", None)
+        if train is not None:
+            check_distributable(train, workers)
+
+
 def _dry_run(args, experiment, specs) -> int:
     """``harness run --dry-run``: each run's estimated peak memory per device, nothing loaded,
     run or stored; a run that cannot fit is an error naming the options (exit 2)."""
@@ -79,9 +93,7 @@ def _dry_run(args, experiment, specs) -> int:
 
     if args.device_mem is not None and args.device_mem <= 0:
         raise HarnessError(f"--device-mem {args.device_mem:g}: expected a positive size in GiB")
-    workers = (getattr(args, "workers_per_run", None)
-               or getattr(experiment, "workers_per_run", None) or 1)
-    print(dry_run(specs, args.device, args.device_mem, workers=int(workers)))
+    print(dry_run(specs, args.device, args.device_mem, workers=experiment.train_workers or 1))
     return 0
 
 

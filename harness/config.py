@@ -121,7 +121,8 @@ def _canonical(data: dict) -> str:
 EVAL_KEYS_SINCE_V1 = {"ppl_data": ["shakespeare"], "num_fewshot": None, "allow_code_eval": False}
 
 #: Training settings that change when a run logs and checkpoints, never what it computes.
-WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every")
+# grad_checkpointing recomputes activations in the backward: the same gradients, less memory
+WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every", "grad_checkpointing")
 
 
 class RunSpec(BaseModel):
@@ -166,8 +167,8 @@ class RunSpec(BaseModel):
 
     def spec_hash(self) -> str:
         """sha256 of the spec with the training settings that only say when the run writes
-        (:data:`WRITE_ONLY_TRAIN_KEYS`) at their defaults: runs differing in them compute the
-        same thing, so a rerun with another ``checkpoint_every`` resumes or reuses the run.
+        (:data:`WRITE_ONLY_TRAIN_KEYS`, and activation checkpointing) at their defaults: runs
+        differing in them compute the same thing, so a rerun with another ``checkpoint_every`` resumes or reuses the run.
         Hashing the defaults, not dropping the keys, keeps earlier runs' hashes."""
         data = self._dump()
         train = data["config"].get("train")

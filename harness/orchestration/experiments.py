@@ -11,7 +11,8 @@ model: smollm2-135m             # or models: [a, b]
 profile: quick                  # quick | full (default: full with CUDA, else quick)
 seeds: [0]                      # or seed: 0
 scheduler: ray                  # ray (default) | inline
-gpus_per_run: 0.5               # optional Ray GPU fraction per run
+gpus_per_run: 0.5               # optional Ray GPU fraction per run (2, 8...: one run on that many GPUs)
+workers_per_run: 2              # optional: one run's training on 2 Ray Train workers (FSDP2)
 eval: {max_tokens: 16384, seq_len: 2048, tasks: [], limit: null,
        ppl_data: [shakespeare, wikitext2], num_fewshot: null}
 methods:                        # method -> config overrides (the method's own fields)
@@ -92,6 +93,7 @@ class ExperimentFile(BaseModel):
     seeds: list[int] | None = None
     scheduler: Literal["ray", "inline"] = "ray"
     gpus_per_run: float | None = Field(None, ge=0)
+    workers_per_run: int | None = Field(None, ge=1)
     eval: EvalSection = Field(default_factory=EvalSection)
     methods: dict[str, dict[str, Any] | None]
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -156,6 +158,25 @@ class Experiment(BaseModel):
     fp_reference: bool = Field(True, description="plan the unquantized reference runs too")
     scheduler: Literal["ray", "inline"] = "inline"
     gpus_per_run: float | None = None
+    workers_per_run: int | None = None
+
+    @property
+    def train_workers(self) -> int | None:
+        """Workers one run trains on: ``workers_per_run``, or a whole ``gpus_per_run`` above 1
+        (one worker per GPU); None: the run trains in its own process.
+
+        Raises:
+            HarnessError: a fractional GPU count above 1, or both given and different.
+        """
+        gpus = self.gpus_per_run or 0
+        if gpus > 1 and gpus != int(gpus):
+            raise HarnessError(f"gpus_per_run {gpus:g}: above 1 a run spans whole GPUs; use "
+                               f"{int(gpus)} or {int(gpus) + 1}")
+        from_gpus = int(gpus) if gpus > 1 else None
+        if from_gpus and self.workers_per_run and from_gpus != self.workers_per_run:
+            raise HarnessError(f"gpus_per_run {from_gpus} and workers_per_run "
+                               f"{self.workers_per_run} disagree; give one")
+        return self.workers_per_run or from_gpus
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
@@ -171,7 +192,8 @@ class Experiment(BaseModel):
                    methods={m: _method_entry(m, body, path) for m, body in file.methods.items()},
                    grid=file.grid, profile=file.profile,
                    eval=EvalSettings(**file.eval.model_dump()),
-                   scheduler=file.scheduler, gpus_per_run=file.gpus_per_run)
+                   scheduler=file.scheduler, gpus_per_run=file.gpus_per_run,
+                   workers_per_run=file.workers_per_run)
 
     @classmethod
     def from_flags(cls, args) -> Experiment:
@@ -198,7 +220,8 @@ class Experiment(BaseModel):
                    profile=args.profile, eval=EvalSettings(**eval_flags(args)),
                    fp_reference=not getattr(args, "no_fp", False),
                    scheduler=getattr(args, "scheduler", None) or "inline",
-                   gpus_per_run=getattr(args, "gpus_per_run", None))
+                   gpus_per_run=getattr(args, "gpus_per_run", None),
+                   workers_per_run=getattr(args, "workers_per_run", None))
 
     def with_flags(self, args) -> Experiment:
         """This experiment with ``harness run FILE``'s flags applied: a given flag replaces
@@ -229,6 +252,7 @@ class Experiment(BaseModel):
             "fp_reference": self.fp_reference and not getattr(args, "no_fp", False),
             "scheduler": getattr(args, "scheduler", None) or self.scheduler,
             "gpus_per_run": gpus if gpus is not None else self.gpus_per_run,
+            "workers_per_run": getattr(args, "workers_per_run", None) or self.workers_per_run,
         })
 
 

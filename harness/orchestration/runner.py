@@ -139,8 +139,11 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
 
 
 def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
-                device: str | None = None, progress: bool = True) -> dict:
-    """Runs ``spec`` end to end and returns its metrics.
+                device: str | None = None, progress: bool = True, workers: int | None = None,
+                ray_address: str | None = None) -> dict:
+    """Runs ``spec`` end to end and returns its metrics. With ``workers`` its training runs on
+    that many Ray Train workers with FSDP2 (:mod:`harness.train.distributed`; GPUs where the
+    run's device is one), everything else in this process.
 
     Raises:
         HarnessError: bad input discovered while running (the caller marks the run failed).
@@ -161,7 +164,13 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
         for name, value in objective.metrics.items():
             recorder.metric(name, value)
         with _Timer(recorder, "train", peaks):
-            train(model, objective, method.config.train, ctx, progress=progress)
+            if workers:
+                from harness.train.distributed import train_distributed  # imports Ray
+
+                train_distributed(model, objective, method.config.train, ctx, workers,
+                                  use_gpu=dev.type == "cuda", ray_address=ray_address)
+            else:
+                train(model, objective, method.config.train, ctx, progress=progress)
     with _Timer(recorder, "finalize", peaks):
         model = method.finalize(model, ctx)
     if method.quantizes:

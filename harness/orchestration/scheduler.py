@@ -69,9 +69,11 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def run_inline(spec: RunSpec, store: Store, run_id: int, output_dir: Path,
-               device: str | None, progress: bool) -> tuple[str, str | None, dict]:
+               device: str | None, progress: bool, workers: int | None = None,
+               ray_address: str | None = None) -> tuple[str, str | None, dict]:
     try:
-        metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress)
+        metrics = execute_run(spec, StoreRecorder(store, run_id), output_dir, device, progress,
+                              workers=workers, ray_address=ray_address)
         return "finished", None, metrics
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under harness.interrupts
         store.end_run(run_id, "failed", str(explain(exc)))
@@ -88,7 +90,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
             scheduler: str = "inline", force: bool = False, device: str | None = None,
             progress: bool = True, experiment_id: int | None = None,
             ray_address: str | None = None, gpus_per_run: float = 0.0,
-            cpus_per_run: float = 1.0) -> list[Outcome]:
+            cpus_per_run: float = 1.0, workers_per_run: int | None = None) -> list[Outcome]:
     """Runs every spec not already finished; returns one outcome per spec, in order.
 
     Args:
@@ -97,6 +99,8 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         output_dir: run folders (checkpoints, packed models).
         scheduler: ``inline`` or ``ray``.
         force: rerun finished runs too.
+        workers_per_run: train each run on that many Ray Train workers (FSDP2); the runs
+            then go one after another, each spanning its workers (``scheduler`` is not used).
     """
     # absolute: the packed file's path is stored, and `harness export/eval` may run elsewhere
     output_dir = Path(output_dir).expanduser().resolve()
@@ -115,9 +119,10 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         else:
             if force and existing is not None and existing.status == "finished":
                 # --force recomputes: a final-step checkpoint would only be reloaded
-                shutil.rmtree(run_dir_for(output_dir, spec) / "checkpoint", ignore_errors=True)
+                for name in ("checkpoint", "checkpoint-sharded"):
+                    shutil.rmtree(run_dir_for(output_dir, spec) / name, ignore_errors=True)
             pending.append(spec)
-    if scheduler == "ray" and pending:
+    if scheduler == "ray" and pending and not workers_per_run:
         # imported by name: harness.orchestration.ray_scheduler imports this module (Outcome, busy)
         run_with_ray = require_module("harness.orchestration.ray_scheduler", "the Ray scheduler").run_with_ray
         for h, outcome in run_with_ray(pending, store, output_dir, device, experiment_id,
@@ -134,7 +139,8 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
                                                   exc.owner)
                 continue
             start = time.perf_counter()
-            status, error, metrics = run_inline(spec, store, run.id, output_dir, device, progress)
+            status, error, metrics = run_inline(spec, store, run.id, output_dir, device, progress,
+                                                workers_per_run, ray_address)
             store.end_run(run.id, status, error, time.perf_counter() - start)
             outcomes[spec.spec_hash()] = Outcome(spec, run.id, status, error, metrics)
     return [outcomes[s.spec_hash()] for s in specs]

@@ -36,6 +36,9 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="write train_steps every N steps")
     checkpoint_every: int = Field(20, ge=1, description="checkpoint every N steps (and at the end)")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward instead "
+        "of keeping them (long sequences, big models); same result, not part of the run key")
     teacher_samples: int = Field(64, ge=1, description="teacher-generated sequences")
     teacher_new_tokens: int = Field(256, ge=1, description="tokens generated per sequence")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature")

@@ -45,6 +45,16 @@ def set_embeddings_trainable(model: nn.Module, trainable: str) -> None:
                 p.requires_grad_(trainable == "all")
 
 
+def enable_grad_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
+    """``train.grad_checkpointing``: Hugging Face's per-layer recomputation, non-reentrant (the
+    form that works with frozen inputs and with FSDP2)."""
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise HarnessError(f"train.grad_checkpointing: {type(model).__name__} has no "
+                               f"gradient_checkpointing_enable; set it false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -449,6 +459,11 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise HarnessError("nothing to train: every parameter is frozen")
+    sharded = Path(ctx.run_dir) / "checkpoint-sharded"
+    if (sharded / "state.json").exists():
+        raise HarnessError(f"{sharded} was written by training on several workers; rerun with "
+                           f"--workers-per-run (any number) to resume it, or delete that folder")
+    enable_grad_checkpointing(model, cfg)
     check_micro_batch_memory(model, cfg, device, objective.needs_teacher)
     data = ctx.train_batches(objective.data)
     selection = None

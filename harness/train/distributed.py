@@ -1,0 +1,359 @@
+"""One run's training on N workers: Ray Train starts them, FSDP2 shards the model.
+
+The run's own process (the driver of this run) prepares the model as always (calibration,
+clipping, GPTQ's Hessians: computed once), builds the training data, and ships the prepared
+model, the objective and the data to ``N`` workers that :class:`ray.train.torch.TorchTrainer`
+starts (gloo on CPUs, NCCL on GPUs). Each worker shards every decoder layer and the root with
+``torch.distributed.fsdp.fully_shard`` (parameters, gradients and AdamW's moments are split N
+ways), and trains on its share of each global batch. Rank 0 writes the gathered trained
+parameters back to the run folder; the driver loads them, records the training curve, and
+finalizes and evaluates the gathered model as a single-process run would.
+
+What does not depend on the worker count: the configured ``batch_size x grad_accum`` is the
+global batch; every micro-batch is split evenly (rows ``rank::N``), each worker's loss is the
+mean over its rows and FSDP averages the gradients, so the step equals the single-process
+step up to summation order. The run key does not contain N (``train_workers`` is a metric).
+
+Checkpoints are sharded (``torch.distributed.checkpoint``) in ``run_dir/checkpoint-sharded``:
+each worker writes its shards; a rerun loads them with any number of workers (DCP reshards).
+A worker that dies fails the training with its error; the rerun resumes from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.api import Objective, RunContext
+from harness.errors import HarnessError, TrainingDiverged, require_module
+from harness.train.config import TrainConfig
+from harness.train.trainer import (
+    _batch_at,
+    _batch_loss,
+    enable_grad_checkpointing,
+    lr_lambda,
+    optimizer_groups,
+    set_embeddings_trainable,
+    trainable_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+SHARDED_DIR = "checkpoint-sharded"
+RESULT_DIR = "distributed-result"
+
+
+def check_distributable(cfg: TrainConfig, workers: int) -> None:
+    """Refuses, in one line with the fix, training settings N workers cannot reproduce.
+
+    Raises:
+        HarnessError: the micro-batch does not split evenly, or a held-out selection is asked.
+    """
+    if workers < 1:
+        raise HarnessError(f"--workers-per-run {workers}: expected 1 or more workers")
+    if cfg.batch_size % workers:
+        raise HarnessError(
+            f"train.batch_size={cfg.batch_size} does not split over {workers} workers; set a "
+            f"batch size divisible by {workers} (and raise train.grad_accum to keep the "
+            f"global batch) or use another --workers-per-run")
+    if cfg.holdout:
+        raise HarnessError(
+            f"train.holdout={cfg.holdout} is computed by single-process training only; drop "
+            f"--workers-per-run or set train.holdout=0")
+
+
+def worker_share(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig, rank: int,
+                 workers: int) -> torch.Tensor:
+    """The rows of global micro-batch (step, micro) that ``rank`` of ``workers`` trains on."""
+    return _batch_at(data, step, micro, cfg)[rank::workers]
+
+
+def _shard(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2: every decoder layer is its own unit (gathered only around its forward and
+    backward), the rest (embeddings, final norm, lm_head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    stack = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(stack, "layers", None) or []
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+class ShardedCheckpointer:
+    """Trainable parameters and AdamW's state as DCP shards, the step, the scheduler and the
+    training curve in ``state.json`` (rank 0). Swapped in whole: a crash mid-save leaves the
+    previous checkpoint."""
+
+    def __init__(self, run_dir: Path, spec_hash: str | None, rank: int) -> None:
+        self.dir = Path(run_dir) / SHARDED_DIR
+        self.tmp = self.dir.with_name(SHARDED_DIR + ".tmp")
+        self.spec_hash, self.rank = spec_hash, rank
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").exists()
+
+    @staticmethod
+    def _state(model, opt, names: set[str]) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        params = {n: t for n, t in get_model_state_dict(model).items() if n in names}
+        return {"model": params, "optim": get_optimizer_state_dict(model, opt)}
+
+    def save(self, model, opt, sched, names: set[str], meta: dict) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        if self.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        dist.barrier()
+        dcp.save(self._state(model, opt, names), checkpoint_id=str(self.tmp))
+        dist.barrier()
+        if self.rank == 0:
+            meta = {**meta, "scheduler": sched.state_dict(), "spec_hash": self.spec_hash}
+            (self.tmp / "state.json").write_text(json.dumps(meta))
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.tmp.rename(self.dir)
+        dist.barrier()
+
+    def load(self, model, opt, sched, names: set[str]) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        try:
+            meta = json.loads((self.dir / "state.json").read_text())
+            if self.spec_hash and meta.get("spec_hash") not in (None, self.spec_hash):
+                raise ValueError(f"written by run {meta['spec_hash'][:12]}, not this run")
+            state = self._state(model, opt, names)
+            dcp.load(state, checkpoint_id=str(self.dir))
+            set_model_state_dict(model, state["model"],
+                                 options=_options(strict=False))
+            set_optimizer_state_dict(model, opt, state["optim"])
+            sched.load_state_dict(meta["scheduler"])
+        except Exception as exc:
+            raise HarnessError(f"sharded checkpoint {self.dir} is unreadable "
+                               f"({type(exc).__name__}: {str(exc)[:120]}); delete that folder "
+                               f"to restart training") from None
+        return meta
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kw)
+
+
+def _worker_loop(config: dict) -> None:
+    """Body of each Ray Train worker (module-level: Ray pickles it by reference)."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from harness.models import load_model
+    from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
+
+    rank, workers = dist.get_rank(), dist.get_world_size()
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    model, objective, data = ray.get(config["payload"])
+    cfg: TrainConfig = config["cfg"]
+    run_dir = Path(config["run_dir"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    model.to(device)
+    names = {n for n, _ in trainable_parameters(model)}
+    enable_grad_checkpointing(model, cfg)
+    _shard(model, device)
+    teacher = None
+    if objective.needs_teacher:  # replicated: frozen, forward only
+        teacher, _ = load_model(config["model"], device=device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
+                            betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ckpt = ShardedCheckpointer(run_dir, config["spec_hash"], rank)
+    history: list[list[float]] = []
+    start, train_s = 0, 0.0
+    if ckpt.exists():
+        meta = ckpt.load(model, opt, sched, names)
+        start, train_s, history = int(meta["step"]), float(meta["train_s"]), meta["history"]
+    amp = training_autocast(device)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
+    with frozen_linears_in(teacher, autocast_dtype(device)) if teacher is not None \
+            else nullcontext():
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            if objective.on_step is not None:
+                objective.on_step(step)
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                ids = worker_share(data, step, micro, cfg, rank, workers).to(device)
+                loss = _batch_loss(model, teacher, objective, ids, amp)
+                (loss / cfg.grad_accum).backward()
+                total += loss.detach().float() / cfg.grad_accum
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            dist.all_reduce(total)  # gloo has no AVG: the sum over equal shares, / N
+            value = float(total) / workers
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step + 1}; lower the learning rate "
+                    f"(train.lr={cfg.lr}) or check the data, then rerun")
+            seconds = time.perf_counter() - t0
+            train_s += seconds
+            history.append([step + 1, value, lr, tokens_per_step / max(seconds, 1e-9)])
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                ckpt.save(model, opt, sched, names, {
+                    "step": step + 1, "train_s": train_s, "history": history,
+                    "workers": workers})
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_options(full_state_dict=True,
+                                                        cpu_offload=True))
+    if rank == 0:
+        out = run_dir / RESULT_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in full.items() if n in names},
+                  str(out / "params.safetensors"))
+        (out / "result.json").write_text(json.dumps({
+            "start": start, "history": history, "train_s": train_s, "workers": workers}))
+    dist.barrier()
+
+
+def _ray_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
+    """Joins (or starts) Ray and checks the cluster can hold ``workers`` workers: Ray Train
+    would otherwise wait for them forever."""
+    import ray
+
+    if not ray.is_initialized():
+        if ray_address:
+            from harness.orchestration.ray_scheduler import _init_ray
+
+            _init_ray(ray_address)
+        else:  # a local instance with a CPU slot per worker, whatever the core count
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers),
+                     include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+    kind = "GPU" if use_gpu else "CPU"
+    have = ray.cluster_resources().get(kind, 0)
+    if have < workers:
+        raise HarnessError(f"{workers} training workers need {workers} {kind}s but the Ray "
+                           f"cluster has {have:g}; lower --workers-per-run (or --gpus-per-run) "
+                           f"or add nodes")
+
+
+def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainConfig,
+                      ctx: RunContext, workers: int, use_gpu: bool = False,
+                      ray_address: str | None = None) -> dict:
+    """Trains ``model`` in place on ``workers`` Ray Train workers; returns what
+    :func:`harness.train.trainer.train` returns (``best_step`` None: no held-out selection).
+
+    Raises:
+        HarnessError: settings N workers cannot reproduce, a checkpoint of single-process
+            training in the run folder, or a worker that failed or died (rerun to resume).
+        TrainingDiverged: the loss became NaN/inf.
+    """
+    check_distributable(cfg, workers)
+    plain = Path(ctx.run_dir) / "checkpoint"
+    if (plain / "state.json").exists():
+        raise HarnessError(f"{plain} was written by single-process training; rerun without "
+                           f"--workers-per-run to resume it, or delete that folder")
+    require_module("ray.train", "--workers-per-run")
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    set_embeddings_trainable(model, cfg.trainable)
+    if not trainable_parameters(model):
+        raise HarnessError("nothing to train: every parameter is frozen")
+    data = ctx.train_batches(objective.data)
+    _ray_ready(workers, use_gpu, ray_address)
+    import ray
+
+    out = Path(ctx.run_dir) / RESULT_DIR
+    shutil.rmtree(out, ignore_errors=True)
+    payload = ray.put((model.to("cpu"), objective, data.cpu()))
+    config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
+              "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
+              "spec_hash": ctx.spec.spec_hash(),
+              "threads": 0 if use_gpu else max(1, (os.cpu_count() or 1) // workers)}
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU" if use_gpu else "CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=str((Path(ctx.run_dir) / "ray-train").resolve()),
+                             name="train", failure_config=FailureConfig(max_failures=0)))
+    try:
+        trainer.fit()
+    except Exception as exc:
+        raise HarnessError(_failure_line(exc, workers)) from None
+    finally:
+        del payload
+    result = json.loads((out / "result.json").read_text())
+    trained = load_file(str(out / "params.safetensors"))
+    named = dict(trainable_parameters(model))
+    if set(trained) != set(named):
+        raise HarnessError(f"the workers returned parameters {sorted(set(trained) ^ set(named))[:3]} "
+                           f"the model does not have; delete {out} and rerun")
+    with torch.no_grad():
+        for n, t in trained.items():
+            named[n].copy_(t.to(named[n].device))
+    model.to(ctx.device)
+    _record(ctx.recorder, result, cfg)
+    model.eval()
+    history = result["history"]
+    return {"final_loss": history[-1][1] if history else None, "steps": cfg.steps,
+            "resumed_from": result["start"], "best_step": None}
+
+
+def _failure_line(exc: BaseException, workers: int) -> str:
+    """One line from Ray Train's error: the worker's own exception where it raised one."""
+    text = str(exc)
+    for marker in ("TrainingDiverged:", "HarnessError:"):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    died = any(w in text for w in ("died", "ActorDiedError", "exited", "SIGKILL", "killed"))
+    what = "a training worker died" if died else "training on the workers failed"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"{what} ({workers} workers: {first[:200]}); rerun to resume from the last "
+            f"sharded checkpoint")
+
+
+def _record(recorder, result: dict, cfg: TrainConfig) -> None:
+    """The whole curve, checkpointed steps included: a resumed run's store holds every step
+    once, as single-process training's does."""
+    if hasattr(recorder, "resume_from"):
+        recorder.resume_from(0)
+    for step, loss, lr, tps in result["history"]:
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            recorder.train_step(int(step), float(loss), float(lr), float(tps))
+    if result["start"]:
+        recorder.metric("resumed_from_step", result["start"])
+    if result["history"]:
+        recorder.metric("final_train_loss", result["history"][-1][1])
+    recorder.metric("train_steps_s_total", result["train_s"])
+    recorder.metric("train_workers", result["workers"])

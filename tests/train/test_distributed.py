@@ -1,0 +1,142 @@
+"""One run's training on several Ray Train workers with FSDP2 (harness.train.distributed).
+
+The end-to-end test trains the same quick qat run in one process and on 2 gloo workers, kills
+one worker mid-training, resumes on 1 worker from the sharded checkpoint, and compares the
+store with the single-process run: same curve, same perplexity, one finished row.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.train.config import TrainConfig
+from harness.train.distributed import check_distributable, worker_share
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--no-fp", "--tasks", "",
+        "--max-eval-tokens", "256", "--seq-len", "128", "--set", f"train.steps={STEPS}",
+        "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
+        "--set", "train.batch_size=2", "--set", "data=corpus", "--set", "calib_samples=2",
+        "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2"]
+
+# Ray starts the workers from this interpreter's environment: PYTHONPATH puts this module first,
+# and it makes rank 1 SIGKILL itself when it takes the batch of FAULT_KILL_AT_STEP (0-based).
+SITECUSTOMIZE = r'''
+import importlib.abc, importlib.util, os, signal, sys
+AT = os.environ.get("FAULT_KILL_AT_STEP")
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "harness.train.distributed":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        real_exec = spec.loader.exec_module
+        def exec_module(module):
+            real_exec(module)
+            share = module.worker_share
+            def killing(data, step, micro, cfg, rank, workers):
+                if rank == 1 and step == int(AT):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return share(data, step, micro, cfg, rank, workers)
+            module.worker_share = killing
+        spec.loader.exec_module = exec_module
+        return spec
+
+if AT:
+    sys.meta_path.insert(0, _Hook())
+'''
+
+
+def test_worker_shares_partition_each_micro_batch():
+    cfg = TrainConfig(batch_size=4, seq_len=8, grad_accum=2)
+    data = torch.arange(40).view(10, 4)
+    for step, micro in ((0, 0), (0, 1), (3, 1)):
+        rows = torch.cat([worker_share(data, step, micro, cfg, r, 2) for r in range(2)])
+        whole = data[(torch.arange(4) + (step * 2 + micro) * 4) % 10]
+        assert sorted(rows[:, 0].tolist()) == sorted(whole[:, 0].tolist())
+        assert worker_share(data, step, micro, cfg, 0, 2).size(0) == 2
+
+
+@pytest.mark.parametrize("cfg, workers, words", [
+    (TrainConfig(batch_size=4), 3, "does not split over 3 workers"),
+    (TrainConfig(holdout=0.2), 2, "train.holdout"),
+    (TrainConfig(), 0, "expected 1 or more"),
+])
+def test_settings_that_workers_cannot_reproduce_are_refused(cfg, workers, words):
+    with pytest.raises(HarnessError, match=words):
+        check_distributable(cfg, workers)
+
+
+def test_cli_refuses_an_uneven_split_before_any_row(cli, tmp_path):
+    db = tmp_path / "h.db"
+    code, _, err = cli(*ARGS, "--set", "train.batch_size=3", "--workers-per-run", "2",
+                       "--db", f"sqlite:///{db}", "--output-dir", tmp_path / "runs")
+    assert code == 2 and "does not split over 2 workers" in err and "Traceback" not in err
+    assert not db.exists() or not _query(db, "SELECT id FROM runs")
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _harness(argv: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **env}
+    return subprocess.run([sys.executable, "-m", "harness.cli", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+def _curve_and_ppl(db: Path) -> tuple[list[tuple[int, float]], float, str, str]:
+    [(run_id, key, status)] = _query(db, "SELECT id, run_key, status FROM runs")
+    steps = _query(db, f"SELECT step, loss FROM train_steps WHERE run_id = {run_id} ORDER BY step")
+    [(ppl,)] = _query(db, f"SELECT value FROM metrics WHERE run_id = {run_id} AND name = 'ppl'")
+    return steps, ppl, key, status
+
+
+def test_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(tmp_path):
+    pytest.importorskip("ray.train")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    plain_db, dist_db = tmp_path / "plain.db", tmp_path / "dist.db"
+    plain = _harness([*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
+                      str(tmp_path / "plain")], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    argv = [*ARGS, "--db", f"sqlite:///{dist_db}", "--output-dir", str(tmp_path / "dist")]
+
+    killed = _harness([*argv, "--workers-per-run", "2"], tmp_path, FAULT_KILL_AT_STEP="2")
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    [(status, error)] = _query(dist_db, "SELECT status, error FROM runs")
+    assert status == "failed" and "rerun to resume" in error, error
+    [run_dir] = (tmp_path / "dist").iterdir()
+    state = (run_dir / "checkpoint-sharded" / "state.json").read_text()
+    assert '"step": 2' in state and '"workers": 2' in state
+
+    # the single-process trainer does not silently restart over the sharded checkpoint
+    single = _harness(argv, tmp_path)
+    assert single.returncode == 1 and "--workers-per-run" in single.stderr, single.stderr[-2000:]
+
+    resumed = _harness([*argv, "--workers-per-run", "1"], tmp_path)  # another worker count
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref_steps, ref_ppl, ref_key, _ = _curve_and_ppl(plain_db)
+    steps, ppl, key, status = _curve_and_ppl(dist_db)
+    assert status == "finished" and key == ref_key  # the worker count is not in the run key
+    assert [s for s, _ in steps] == list(range(1, STEPS + 1))  # the whole curve, once
+    for (_, a), (_, b) in zip(steps, ref_steps, strict=True):
+        assert a == pytest.approx(b, rel=1e-3)
+    assert ppl == pytest.approx(ref_ppl, rel=5e-3)
+    metrics = dict(_query(dist_db, "SELECT name, value FROM metrics WHERE task = ''"))
+    assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
