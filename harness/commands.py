@@ -28,7 +28,7 @@ def cmd_run(args) -> int:
         return _dry_run(args, experiment, specs)
     if getattr(args, "device_mem", None) is not None:
         raise HarnessError("--device-mem only applies with --dry-run; add --dry-run or drop it")
-    _check_scheduler_flags(args, scheduler)
+    _check_scheduler_flags(args, scheduler, distributed=bool(experiment.train_workers))
     if experiment.train_workers:
         _check_distributable(specs, experiment.train_workers)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
@@ -109,13 +109,16 @@ def _experiment_of(args):
     return Experiment.from_flags(args)
 
 
-def _check_scheduler_flags(args, scheduler: str) -> None:
+def _check_scheduler_flags(args, scheduler: str, distributed: bool = False) -> None:
     """Flags of one scheduler given to the other are refused, not silently ignored; the device
-    is checked here for inline runs (a Ray worker checks its own)."""
+    is checked here for inline runs (a Ray worker checks its own). ``distributed``: runs train
+    on Ray Train workers, which join ``--ray-address`` and span ``--gpus-per-run`` GPUs."""
     from harness.devices import pick_device
 
     if scheduler != "ray":
-        ray_only = [flag for flag in ("--ray-address", "--gpus-per-run", "--cpus-per-run")
+        ray_flags = ("--cpus-per-run",) if distributed else (
+            "--ray-address", "--gpus-per-run", "--cpus-per-run")
+        ray_only = [flag for flag in ray_flags
                     if getattr(args, flag[2:].replace("-", "_"), None)]
         if ray_only:
             many = len(ray_only) > 1

@@ -1,16 +1,22 @@
 """One run's training on several Ray Train workers with FSDP2 (harness.train.distributed).
 
-The end-to-end test trains the same quick qat run in one process and on 2 gloo workers, kills
-one worker mid-training, resumes on 1 worker from the sharded checkpoint, and compares the
-store with the single-process run: same curve, same perplexity, one finished row.
+The end-to-end test starts a two-node Ray cluster on this machine (``ray start --head``, then a
+second raylet with ``ray start --address``, one CPU each), trains the same quick qat run in one
+process and, through ``--ray-address``, on 2 gloo workers (one per node), kills one worker
+mid-training, resumes on 1 worker from the sharded checkpoint, and compares the store with the
+single-process run: same curve, same perplexity, one finished row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,11 +99,68 @@ def _query(db: Path, sql: str) -> list[tuple]:
         con.close()
 
 
-def _harness(argv: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **env}
-    return subprocess.run([sys.executable, "-m", "harness.cli", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+def _env(tmp_path: Path, **extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **extra}
+
+
+def _harness(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *argv], cwd=ROOT,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A head and a second raylet, one CPU each, started the way a user starts a cluster; their
+    workers kill rank 1 at step index 2 (FAULT_KILL_AT_STEP). Yields the address."""
+    pytest.importorskip("ray.train")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = _env(tmp_path, FAULT_KILL_AT_STEP="2")
+    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+    logs = [tmp_path / "head.log", tmp_path / "node2.log"]
+    nodes = [subprocess.Popen([ray, "start", "--head", "--port", str(port),
+                               "--include-dashboard", "false", *common], start_new_session=True,
+                              env=env, stdout=logs[0].open("w"), stderr=subprocess.STDOUT)]
+    try:
+        _wait(lambda: _started(logs[0]), "the head", nodes)
+        nodes.append(subprocess.Popen([ray, "start", "--address", address, *common],
+                                      env=env, stdout=logs[1].open("w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        _wait(lambda: _started(logs[1]), "the second raylet", nodes)
+        yield address
+    finally:
+        for node in reversed(nodes):  # --block: SIGTERM stops that node's processes...
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # ...after its workers, which can take 30 s
+                pass
+            with contextlib.suppress(ProcessLookupError):  # its own session: only its own
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def _started(log: Path) -> bool:
+    return "Ray runtime started" in log.read_text(errors="replace")
+
+
+def _wait(ready, what: str, nodes: list, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert all(n.poll() is None for n in nodes), f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.5)
 
 
 def _curve_and_ppl(db: Path) -> tuple[list[tuple[int, float]], float, str, str]:
@@ -107,17 +170,16 @@ def _curve_and_ppl(db: Path) -> tuple[list[tuple[int, float]], float, str, str]:
     return steps, ppl, key, status
 
 
-def test_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(tmp_path):
-    pytest.importorskip("ray.train")
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(
+        tmp_path, two_nodes):
     plain_db, dist_db = tmp_path / "plain.db", tmp_path / "dist.db"
     plain = _harness([*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
                       str(tmp_path / "plain")], tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     argv = [*ARGS, "--db", f"sqlite:///{dist_db}", "--output-dir", str(tmp_path / "dist")]
+    remote = ["--ray-address", two_nodes]
 
-    killed = _harness([*argv, "--workers-per-run", "2"], tmp_path, FAULT_KILL_AT_STEP="2")
+    killed = _harness([*argv, *remote, "--workers-per-run", "2"], tmp_path)
     assert killed.returncode == 1, killed.stderr[-3000:]
     [(status, error)] = _query(dist_db, "SELECT status, error FROM runs")
     assert status == "failed" and "rerun to resume" in error, error
@@ -129,7 +191,7 @@ def test_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(tmp
     single = _harness(argv, tmp_path)
     assert single.returncode == 1 and "--workers-per-run" in single.stderr, single.stderr[-2000:]
 
-    resumed = _harness([*argv, "--workers-per-run", "1"], tmp_path)  # another worker count
+    resumed = _harness([*argv, *remote, "--workers-per-run", "1"], tmp_path)  # another count
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_steps, ref_ppl, ref_key, _ = _curve_and_ppl(plain_db)
     steps, ppl, key, status = _curve_and_ppl(dist_db)
