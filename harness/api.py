@@ -139,6 +139,7 @@ class RunContext:
     calibration: Callable[[], torch.Tensor] | None = None
     teacher: Callable[[], nn.Module] | None = None
     train_batches: Callable[[str], torch.Tensor] | None = None
+    release_teacher: Callable[[], None] | None = None  # frees ``teacher()``'s copy (if loaded)
 
 
 @dataclass(frozen=True)

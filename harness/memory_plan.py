@@ -180,7 +180,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         teacher: the method runs a frozen teacher (``Method.needs().teacher_model``).
         calibration: ``(samples, seq_len)`` of calibration data, if the method reads some.
         device_type: ``cpu`` or ``cuda``.
-        workers: FSDP workers of the run (weights, gradients, AdamW sharded by it).
+        workers: FSDP workers of the run: weights, gradients and AdamW are sharded by it, and
+            each micro-batch is split over them (the teacher is replicated).
         grad_checkpointing: None: ``train.grad_checkpointing`` of the config (False if absent).
     """
     gpu = device_type == "cuda"
@@ -189,7 +190,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     P = shape.params
     c: dict[str, int] = {}
     phases: dict[str, int] = {}
-    c["weights"] = math.ceil(P * 4 / w)  # loaded in float32 on every device
+    full = P * 4  # float32; prepare, finalize and eval see the whole model on one device
+    c["weights"] = full
     if teacher:
         if gpu:  # frozen linears cast to bf16 (autocast.frozen_linears_in), embedding fp32
             c["teacher"] = shape.embedding_params * 4 + (P - shape.embedding_params) * 2
@@ -203,7 +205,9 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
         ckpt = train.get("grad_checkpointing", False) if grad_checkpointing is None \
             else grad_checkpointing
-        tokens = int(train["batch_size"]) * int(train["seq_len"])
+        # the configured batch is the global one: each worker's micro-batch is its share
+        tokens = math.ceil(int(train["batch_size"]) / w) * int(train["seq_len"])
+        c["weights"] = math.ceil(full / w)  # training alone is sharded
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
@@ -231,7 +235,7 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
             batches = min(11, max(1, int(train.get("teacher_samples", 64))
                                   // int(train["batch_size"])))
             c["gamma"] = (batches + 1) * tokens * shape.vocab * 4
-            phases["objective"] = c["weights"] + P * 4 + c["gamma"]
+            phases["objective"] = full + P * 4 + c["gamma"]
     else:
         c.update(grads=0, adamw=0, fake_quant=0, activations=0, logits=0)
     c.setdefault("gamma", 0)
@@ -243,14 +247,14 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         if method == "gptq":  # H = 2 X^T X / n per linear of one block
             calib += (6 * h * h + i * i) * 4
         c["calibration"] = calib
-        phases["prepare"] = c["weights"] + calib
+        phases["prepare"] = full + calib
     else:
         c["calibration"] = 0
     T, V = eval_seq_len, shape.vocab
     # logits + log_softmax (fp32), one layer's attention scores (CPU SDPA without a fused
     # kernel for the mask) and MLP intermediates: no_grad, transient
     c["eval"] = 2 * T * V * 4 + shape.heads * T * T * 4 + 3 * T * shape.intermediate * 4
-    phases["eval"] = c["weights"] + c["teacher"] + c["eval"]
+    phases["eval"] = full + c["teacher"] + c["eval"]
     runtime = GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
     c["runtime"] = runtime
     phases = {k: v + runtime for k, v in phases.items()}
@@ -327,25 +331,24 @@ def plan_table(rows: list[tuple[Any, Estimate]], device_bytes: int) -> str:
 
 def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_bytes: int) -> str:
     """The options that would make ``spec`` fit, each with its estimate."""
-    from harness.train.config import TrainConfig
-
     opts = []
-    for n in (2, 4, 8, 16, 32, 64):
-        if n > workers:
-            est = estimate_spec(spec, shape, device_type, n)
-            if est.total <= device_bytes:
-                opts.append(f"more workers ({n} per run: {_gib(est.total)} GiB each)")
-                break
-    else:
-        opts.append("more workers (not enough even at 64)")
     train = spec.config.get("train") if isinstance(spec.config.get("train"), dict) else None
-    if train is not None:
+    flag = "--gpus-per-run" if device_type == "cuda" else "--workers-per-run"
+    if train is not None:  # only training is sharded over workers
+        for n in (2, 4, 8, 16, 32, 64):
+            if n > workers:
+                est = estimate_spec(spec, shape, device_type, n)
+                if est.total <= device_bytes:
+                    opts.append(f"more workers ({flag} {n}: {_gib(est.total)} GiB each)")
+                    break
+        else:
+            opts.append("more workers (not enough even at 64)")
         est = estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
-        flag = ("--set train.grad_checkpointing=true" if "grad_checkpointing"
-                in TrainConfig.model_fields else "gradient checkpointing (not yet a train setting)")
-        opts.append(f"{flag} ({_gib(est.total)} GiB)")
+        opts.append(f"--set train.grad_checkpointing=true ({_gib(est.total)} GiB)")
         bs, ga = int(train["batch_size"]), int(train["grad_accum"])
         for b in range(bs - 1, 0, -1):
+            if b % workers:  # each worker takes an equal share of a micro-batch
+                continue
             cfg = {**spec.config, "train": {**train, "batch_size": b}}
             small = spec.model_copy(update={"config": cfg})
             est = estimate_spec(small, shape, device_type, workers)

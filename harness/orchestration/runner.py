@@ -98,7 +98,8 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
     run_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(spec=spec, device=device, tokenizer=tokenizer, recorder=recorder,
                       run_dir=run_dir, calibration=calibration, teacher=teacher,
-                      train_batches=train_batches)
+                      train_batches=train_batches,
+                      release_teacher=lambda: cache.pop("teacher", None))
 
 
 def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -> dict:

@@ -290,6 +290,8 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     if not trainable_parameters(model):
         raise HarnessError("nothing to train: every parameter is frozen")
     data = ctx.train_batches(objective.data)
+    if ctx.release_teacher is not None:  # the workers load their own; this one would sit on
+        ctx.release_teacher()            # the first GPU while they train
     _ray_ready(workers, use_gpu, ray_address)
     import ray
 

@@ -78,13 +78,14 @@ def test_llama2_7b_bitdistiller_refused_on_one_80gb_gpu(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
     rc = main(["run", "experiments/llama2-7b-bitdistiller.yaml", "--model", str(folder),
-               "--methods", "bitdistiller", "--tasks", "", "--device", "cuda",
-               "--device-mem", "80", "--dry-run", "--db", f"sqlite:///{tmp_path / 'h.db'}"])
+               "--methods", "bitdistiller", "--tasks", "", "--device", "cuda", "--gpus-per-run",
+               "1", "--device-mem", "80", "--dry-run", "--db", f"sqlite:///{tmp_path / 'h.db'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "bitdistiller" in err and "80.00 GiB" in err
+    assert "--gpus-per-run 4" in err  # the file's own 8 fit (next test)
 
 
-def test_sharding_over_8_workers_fits_80gb_with_checkpointing():
+def test_sharding_over_8_workers_fits_80gb():
     shape = ModelShape.from_config(LlamaConfig(**{k: v for k, v in LLAMA2_7B.items()
                                                   if k not in ("architectures", "model_type")}))
     config = {"gamma": "paper", "train": BD_TRAIN}
@@ -92,15 +93,28 @@ def test_sharding_over_8_workers_fits_80gb_with_checkpointing():
     one = estimate(shape, "bitdistiller", config, workers=1, **kw)
     eight = estimate(shape, "bitdistiller", config, workers=8, **kw)
     ckpt = estimate(shape, "bitdistiller", config, workers=8, grad_checkpointing=True, **kw)
-    assert one.total > 80 * GiB and eight.total > 80 * GiB  # 8 x 1024 tokens of activations
-    assert ckpt.total <= 80 * GiB
+    assert one.total > 80 * GiB and eight.total <= 80 * GiB
+    assert ckpt.phases["train"] < eight.phases["train"]  # training alone is sharded
     # weights, gradients and AdamW shard by the workers; the teacher is replicated
     for k in ("weights", "grads", "adamw"):
         assert eight.components[k] == pytest.approx(one.components[k] / 8, rel=1e-6)
     assert eight.components["teacher"] == one.components["teacher"]
+    # the micro-batch of 8 sequences is the global one: 1 sequence per worker
+    assert eight.components["logits"] == pytest.approx(one.components["logits"] / 8, rel=1e-6)
     # fp32 master weights + grads + AdamW: 16 bytes per trainable parameter (6.5B)
     assert one.components["grads"] + one.components["adamw"] == 12 * shape.trainable_params(
         "non_embedding")
+
+
+def test_the_cli_accepts_the_7b_run_on_8_workers(tmp_path, capsys):
+    folder = tmp_path / "llama2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
+    rc = main(["run", "experiments/llama2-7b-bitdistiller.yaml", "--model", str(folder),
+               "--methods", "bitdistiller", "--tasks", "", "--device", "cuda", "--gpus-per-run",
+               "8", "--device-mem", "80", "--dry-run", "--db", f"sqlite:///{tmp_path / 'h.db'}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and re.search(r"bitdistiller .* yes\s*$", out, re.M), out
 
 
 def test_activations_checkpointing_keeps_one_residual_per_layer():
