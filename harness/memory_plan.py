@@ -33,7 +33,8 @@ GiB = 1 << 30
 #: lm-eval runtime, the tokenizer, the data, glibc's retained heap (``harness.host_memory``) and
 #: lm-eval's batches. Calibrated ONCE on the finished SmolLM2 ``fp`` run of a baseline database
 #: (measured peak_rss_mb 2,857.9 MB minus this module's tensor estimate for that run, 1,461 MB); every
-#: other run is a check of the estimate, not a fit. See /tmp/memory_plan_notes.md.
+#: other run is a check of the estimate, not a fit (docs/RESULTS.md, "Memory plan against
+#: measured peaks").
 CPU_RUNTIME_BYTES = 1397 * 2**20
 #: CUDA context and allocator slack on a GPU: an assumption (not measured here).
 GPU_RUNTIME_BYTES = 1 * GiB
@@ -44,10 +45,15 @@ GPU_RUNTIME_BYTES = 1 * GiB
 #: and build the probabilities, their difference and the gradient (5 fp32).
 LOSS_FP32_COPIES = {"ce": 2, "kd": 5}
 
-#: config keys of a method that quantizes its weights (OneBit: ``weight_bits``); a trained one
-#: saves one fake-quantized (or sign) weight-sized tensor per layer for backward. Read from the
-#: config, not a list of method names, so plugins count too.
-QUANT_KEYS = ("bits", "weight_bits")
+#: Bytes per quantized weight that a training-form layer keeps for its backward on the CPU, by
+#: its weight format: the fp32 latent's grouped and scaled copies, codes and masks of the
+#: fake-quantization autograd functions (measured with ``saved_tensors_hooks`` on one layer;
+#: tests/core/test_memory_plan.py measures them again). A format not listed (a plugin's) counts
+#: :data:`DEFAULT_SAVED_BYTES`. On a GPU the fused kernels keep less: the estimate assumes one
+#: bf16 copy there (not measured).
+SAVED_BYTES_PER_WEIGHT = {"int": 16.14, "nf3": 9.25, "intfz": 24.31, "ternary": 4.0,
+                          "binary": 8.19}
+DEFAULT_SAVED_BYTES = 8.0
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ def _loss_kind(method: str, config: dict) -> str:
 def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq_len: int,
              teacher: bool = False, calibration: tuple[int, int] | None = None,
              device_type: str = "cpu", workers: int = 1,
-             grad_checkpointing: bool | None = None) -> Estimate:
+             grad_checkpointing: bool | None = None, fmt: str | None = None) -> Estimate:
     """Estimated peak bytes of one device for one run.
 
     Args:
@@ -183,6 +189,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         workers: FSDP workers of the run: weights, gradients and AdamW are sharded by it, and
             each micro-batch is split over them (the teacher is replicated).
         grad_checkpointing: None: ``train.grad_checkpointing`` of the config (False if absent).
+        fmt: the weight format its layers train in (the method's resolved ``fmt``); None: the
+            method does not quantize weights.
     """
     gpu = device_type == "cuda"
     act = 2 if gpu else 4
@@ -211,8 +219,9 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
-        if any(k in config for k in QUANT_KEYS):  # the weight each layer saves for backward
-            extra += shape.linear_params * act
+        if fmt is not None:  # what each quantized layer saves for its backward
+            per_weight = act if gpu else SAVED_BYTES_PER_WEIGHT.get(fmt, DEFAULT_SAVED_BYTES)
+            extra += math.ceil(shape.linear_params * per_weight)
         if gpu:  # autocast's bf16 copies of the trainable linears, within the step
             extra += math.ceil(shape.linear_params * 2 / w)
         c["fake_quant"] = extra
@@ -254,7 +263,13 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     # logits + log_softmax (fp32), one layer's attention scores (CPU SDPA without a fused
     # kernel for the mask) and MLP intermediates: no_grad, transient
     c["eval"] = 2 * T * V * 4 + shape.heads * T * T * 4 + 3 * T * shape.intermediate * 4
+    before = max(phases.values(), default=0)
     phases["eval"] = full + c["teacher"] + c["eval"]
+    if not gpu:
+        # harness.host_memory keeps the heap a process frees (for speed), and evaluation's
+        # buffers land on top of what the earlier phases left: measured, a trained SmolLM2
+        # run's RSS rose by about the eval term after training (docs/RESULTS.md)
+        phases["eval"] = max(phases["eval"], before + c["eval"])
     runtime = GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
     c["runtime"] = runtime
     phases = {k: v + runtime for k, v in phases.items()}
@@ -277,7 +292,8 @@ def estimate_spec(spec, shape: ModelShape, device_type: str = "cpu", workers: in
     if not has_objective:
         config.pop("train", None)
     calib = needs.calibration
-    return estimate(shape, spec.method, config, eval_seq_len=spec.eval.seq_len,
+    fmt = getattr(method.config, "fmt", None) if method.quantizes else None
+    return estimate(shape, spec.method, config, eval_seq_len=spec.eval.seq_len, fmt=fmt,
                     teacher=bool(needs.teacher_model),
                     calibration=(calib.samples, calib.seq_len) if calib else None,
                     device_type=device_type, workers=workers, **overrides)

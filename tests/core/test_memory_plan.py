@@ -125,3 +125,40 @@ def test_activations_checkpointing_keeps_one_residual_per_layer():
     ckpt = estimate(shape, "qat", config, eval_seq_len=64, grad_checkpointing=True)
     assert ckpt.components["activations"] < full.components["activations"]
     assert ckpt.components["activations"] == 4 * 64 * 64 * 4 + full.components["activations"] // 4
+
+
+@pytest.mark.parametrize("method, config", [
+    ("qat", {"bits": 3, "fmt": "int", "clip": False}),
+    ("qat", {"bits": 3, "fmt": "nf3", "clip": False}),
+    ("qat", {"bits": 3, "fmt": "intfz", "clip": False}),
+    ("qat", {"bits": 2, "fmt": "ternary", "clip": False}),
+    ("onebit", {}),
+])
+def test_saved_bytes_per_weight_are_what_a_layer_keeps_for_backward(tiny_copy, tmp_path,
+                                                                   method, config):
+    """The planner's per-format constant against the tensors autograd actually saves in one
+    training-form layer's forward (the input excluded)."""
+    from harness.api import NullRecorder
+    from harness.config import EvalSpec, RunSpec
+    from harness.memory_plan import SAVED_BYTES_PER_WEIGHT
+    from harness.orchestration.runner import build_context
+    from harness.registry import build_method
+
+    model, tok = tiny_copy
+    spec = RunSpec(model="tiny-llama", method=method, config=config, eval=EvalSpec())
+    m = build_method(spec)
+    ctx = build_context(spec, m, model, tok, NullRecorder(), tmp_path, torch.device("cpu"))
+    layer = dict(m.prepare(model, ctx).named_modules())["model.layers.0.self_attn.q_proj"]
+    layer.train()
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, layer.in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer(x)
+    saved.pop(x.untyped_storage().data_ptr(), None)
+    per_weight = sum(saved.values()) / (layer.in_features * layer.out_features)
+    assert per_weight == pytest.approx(SAVED_BYTES_PER_WEIGHT[m.config.fmt], rel=0.05)
