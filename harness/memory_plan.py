@@ -45,15 +45,15 @@ GPU_RUNTIME_BYTES = 1 * GiB
 #: and build the probabilities, their difference and the gradient (5 fp32).
 LOSS_FP32_COPIES = {"ce": 2, "kd": 5}
 
-#: Bytes per quantized weight that a training-form layer keeps for its backward on the CPU, by
-#: its weight format: the fp32 latent's grouped and scaled copies, codes and masks of the
-#: fake-quantization autograd functions (measured with ``saved_tensors_hooks`` on one layer;
-#: tests/core/test_memory_plan.py measures them again). A format not listed (a plugin's) counts
+#: Bytes per quantized weight that a training-form layer keeps for its backward on the CPU (the
+#: latent weight itself not counted), by its weight format: grouped and scaled copies, codes
+#: and masks of the fake-quantization autograd functions (measured with ``saved_tensors_hooks``
+#: on one layer; tests/core/test_memory_plan.py measures them again). A format not listed (a plugin's) counts
 #: :data:`DEFAULT_SAVED_BYTES`. On a GPU the fused kernels keep less: the estimate assumes one
 #: bf16 copy there (not measured).
-SAVED_BYTES_PER_WEIGHT = {"int": 16.14, "nf3": 9.25, "intfz": 24.31, "ternary": 4.0,
-                          "binary": 8.19}
-DEFAULT_SAVED_BYTES = 8.0
+SAVED_BYTES_PER_WEIGHT = {"int": 12.14, "nf3": 5.25, "intfz": 24.31, "ternary": 4.0,
+                          "binary": 4.19}
+DEFAULT_SAVED_BYTES = 4.0
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     assert killed.returncode == 1, killed.stderr[-3000:]
     [(status, error)] = _query(dist_db, "SELECT status, error FROM runs")
     assert status == "failed" and "rerun to resume" in error, error
+    assert "worker" in error and "\n" not in error, error  # one line, naming what failed
     [run_dir] = (tmp_path / "dist").iterdir()
     state = (run_dir / "checkpoint-sharded" / "state.json").read_text()
     assert '"step": 2' in state and '"workers": 2' in state
