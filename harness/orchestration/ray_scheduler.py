@@ -31,11 +31,12 @@ from harness.config import RunSpec
 from harness.devices import pick_device
 from harness.errors import HarnessError
 from harness.host_memory import keep_freed_memory
-from harness.interrupts import explain, reinstall
+from harness.interrupts import explain
 from harness.models import load_model
 from harness.orchestration.recorders import BufferRecorder, replay
 from harness.orchestration.runner import execute_run, run_dir_for
 from harness.orchestration.scheduler import Outcome, busy, describe_error
+from harness.ray_cluster import init_ray
 from harness.registry import build_method
 from harness.store import Run, RunBusy
 from harness.train.teacher_data import teacher_sequences
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 WORKER_DIED = "worker died; rerun to resume"
 SPOOL_NAME = ".ray-records.jsonl"
-#: environment forwarded to workers of a remote cluster (a local one inherits the driver's)
-FORWARD_ENV_PREFIXES = ("HARNESS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 
 
 # --- worker side -----------------------------------------------------------------------------
@@ -137,54 +136,9 @@ def teacher_key(spec: RunSpec) -> tuple | None:
 
 
 # --- driver side -----------------------------------------------------------------------------
-def _init_ray(ray_address: str | None) -> bool:
-    """Starts a local Ray instance (or joins ``ray_address``); returns whether we started it."""
-    import ray  # heavy and optional: this module imports without it (run_with_ray says so)
-
-    if ray.is_initialized():
-        return False
-    if ray_address:
-        _check_reachable(ray_address)
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-        try:
-            ray.init(address=ray_address, log_to_driver=False,
-                     runtime_env={"env_vars": env} if env else None)
-        except (ConnectionError, RuntimeError) as exc:
-            raise HarnessError(
-                f"could not join the Ray cluster at --ray-address {ray_address} "
-                f"({describe_error(exc)}); a "
-                f"cluster started by `ray start` uses token authentication: set "
-                f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
-                f"RAY_AUTH_TOKEN)") from None
-    else:
-        # address="local": a new instance of our own. Without it ray.init joins any cluster
-        # `ray start` (or another harness run) left registered on this machine, and then
-        # refuses num_cpus.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False,
-                 logging_level=logging.WARNING)
-    reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
-    return True
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A HOST:PORT nobody listens on fails here in a line: Ray itself retries for minutes.
-    Other forms (``auto``, ``ray://...``) are left to Ray."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return
-    try:
-        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout_s).close()
-    except OSError as exc:
-        raise HarnessError(
-            f"no Ray cluster answers at --ray-address {address} "
-            f"({exc.strerror or type(exc).__name__}); start one with `ray start --head "
-            f"--port {port}` or leave out --ray-address to run a local one") from None
-
-
 def _gpus_per_task(requested: float) -> float:
     """``requested`` GPUs per run; 0 means one whole GPU where the cluster has GPUs, else CPU."""
-    import ray  # heavy and optional, as in _init_ray
+    import ray  # heavy and optional: this module imports without it
 
     available = ray.cluster_resources().get("GPU", 0)
     if available <= 0:
@@ -200,7 +154,7 @@ def _gpus_per_task(requested: float) -> float:
 
 
 def _crash_message(exc: BaseException) -> str:
-    import ray.exceptions as rex  # heavy and optional, as in _init_ray
+    import ray.exceptions as rex  # heavy and optional: this module imports without it
 
     died = tuple(getattr(rex, n) for n in ("WorkerCrashedError", "NodeDiedError",
                                            "ActorDiedError", "LocalRayletDiedError",
@@ -294,7 +248,7 @@ def run_with_ray(pending: list[RunSpec], store, output_dir, device: str | None,
                            "'ray>=2.30'), or pass --scheduler inline") from None
 
     output_dir = Path(output_dir).resolve()
-    started = _init_ray(ray_address)
+    started = init_ray(ray_address)
     outcomes: dict[str, Outcome] = {}
     refs: dict = {}
     t0 = time.perf_counter()

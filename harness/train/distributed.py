@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.api import Objective, RunContext
 from harness.errors import HarnessError, TrainingDiverged, require_module
+from harness.ray_cluster import init_ray
 from harness.train.config import TrainConfig
 from harness.train.trainer import (
     _batch_at,
@@ -249,15 +250,7 @@ def _ray_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
     would otherwise wait for them forever."""
     import ray
 
-    if not ray.is_initialized():
-        if ray_address:
-            from harness.orchestration.ray_scheduler import _init_ray
-
-            _init_ray(ray_address)
-        else:  # a local instance with a CPU slot per worker, whatever the core count
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers),
-                     include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+    init_ray(ray_address, min_cpus=workers)  # locally: a CPU slot per worker at least
     kind = "GPU" if use_gpu else "CPU"
     have = ray.cluster_resources().get(kind, 0)
     if have < workers:

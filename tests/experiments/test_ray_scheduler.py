@@ -238,7 +238,7 @@ def test_a_cluster_that_refuses_the_driver_is_one_line(monkeypatch):
     import ray
 
     from harness.errors import HarnessError
-    from harness.orchestration.ray_scheduler import _init_ray
+    from harness.ray_cluster import init_ray as _init_ray
 
     def refuse(**kw):
         raise ConnectionError(f"Failed to connect to Ray cluster at {kw['address']}")

@@ -1,0 +1,60 @@
+"""Joining or starting the Ray cluster that runs schedule on (runs as tasks, one run's
+training workers through Ray Train). Ray is imported on use: this module imports without it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from harness.errors import HarnessError
+from harness.interrupts import reinstall
+
+#: environment forwarded to workers of a remote cluster (a local one inherits the driver's)
+FORWARD_ENV_PREFIXES = ("HARNESS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+
+
+def init_ray(ray_address: str | None, min_cpus: int = 1) -> bool:
+    """Starts a local Ray instance (or joins ``ray_address``); returns whether we started it.
+    A local instance gets this machine's cores, at least ``min_cpus`` (Ray's CPUs are slots:
+    a run's N training workers take one each)."""
+    import ray  # heavy and optional: this module imports without it
+
+    if ray.is_initialized():
+        return False
+    if ray_address:
+        check_reachable(ray_address)
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+        try:
+            ray.init(address=ray_address, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None)
+        except (ConnectionError, RuntimeError) as exc:
+            raise HarnessError(
+                f"could not join the Ray cluster at --ray-address {ray_address} "
+                f"({f'{type(exc).__name__}: {exc}'.splitlines()[0][:500]}); a "
+                f"cluster started by `ray start` uses token authentication: set "
+                f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
+                f"RAY_AUTH_TOKEN)") from None
+    else:
+        # address="local": a new instance of our own. Without it ray.init joins any cluster
+        # `ray start` (or another harness run) left registered on this machine, and then
+        # refuses num_cpus.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus),
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    reinstall()  # ray.init makes SIGTERM exit the driver: ours marks the runs in flight failed
+    return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT nobody listens on fails here in a line: Ray itself retries for minutes.
+    Other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout_s).close()
+    except OSError as exc:
+        raise HarnessError(
+            f"no Ray cluster answers at --ray-address {address} "
+            f"({exc.strerror or type(exc).__name__}); start one with `ray start --head "
+            f"--port {port}` or leave out --ray-address to run a local one") from None
