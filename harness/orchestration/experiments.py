@@ -166,8 +166,12 @@ class Experiment(BaseModel):
         (one worker per GPU); None: the run trains in its own process.
 
         Raises:
-            HarnessError: a fractional GPU count above 1, or both given and different.
+            HarnessError: fewer than 1 worker, a fractional GPU count above 1, or both given
+                and different.
         """
+        if self.workers_per_run is not None and self.workers_per_run < 1:
+            raise HarnessError(f"--workers-per-run {self.workers_per_run}: expected 1 or more "
+                               f"workers (leave it out to train in the run's own process)")
         gpus = self.gpus_per_run or 0
         if gpus > 1 and gpus != int(gpus):
             raise HarnessError(f"gpus_per_run {gpus:g}: above 1 a run spans whole GPUs; use "

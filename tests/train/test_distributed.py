@@ -83,11 +83,17 @@ def test_settings_that_workers_cannot_reproduce_are_refused(cfg, workers, words)
         check_distributable(cfg, workers)
 
 
-def test_cli_refuses_an_uneven_split_before_any_row(cli, tmp_path):
+@pytest.mark.parametrize("flags, words", [
+    (["--set", "train.batch_size=3", "--workers-per-run", "2"], "does not split over 2 workers"),
+    (["--workers-per-run", "0"], "expected 1 or more workers"),
+    (["--gpus-per-run", "2.5"], "above 1 a run spans whole GPUs"),
+    (["--gpus-per-run", "2", "--workers-per-run", "4"], "disagree"),
+])
+def test_cli_refuses_bad_worker_settings_before_any_row(cli, tmp_path, flags, words):
     db = tmp_path / "h.db"
-    code, _, err = cli(*ARGS, "--set", "train.batch_size=3", "--workers-per-run", "2",
-                       "--db", f"sqlite:///{db}", "--output-dir", tmp_path / "runs")
-    assert code == 2 and "does not split over 2 workers" in err and "Traceback" not in err
+    code, _, err = cli(*ARGS, *flags, "--db", f"sqlite:///{db}", "--output-dir",
+                       tmp_path / "runs")
+    assert code == 2 and words in err and "Traceback" not in err, err
     assert not db.exists() or not _query(db, "SELECT id FROM runs")
 
 
