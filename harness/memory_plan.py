@@ -263,7 +263,10 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     # logits + log_softmax (fp32), one layer's attention scores (CPU SDPA without a fused
     # kernel for the mask) and MLP intermediates: no_grad, transient
     c["eval"] = 2 * T * V * 4 + shape.heads * T * T * 4 + 3 * T * shape.intermediate * 4
-    if fmt is not None:  # packed layers keep their dequantized fp32 weight while evaluating
+    if fmt is not None and not gpu:
+        # packed layers keep their dequantized fp32 weight while evaluating; on a GPU each
+        # reuses the block of the latent weight it replaced (the caching allocator), on the
+        # CPU the freed latents stay in the process's heap (measured: docs/RESULTS.md)
         c["eval"] += shape.linear_params * 4
     before = max(phases.values(), default=0)
     phases["eval"] = full + c["teacher"] + c["eval"]
