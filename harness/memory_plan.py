@@ -33,7 +33,7 @@ GiB = 1 << 30
 #: lm-eval runtime, the tokenizer, the data, glibc's retained heap (``harness.host_memory``) and
 #: lm-eval's batches. Calibrated ONCE on the finished SmolLM2 ``fp`` run of a baseline database
 #: (measured peak_rss_mb 2,857.9 MB minus this module's tensor estimate for that run, 1,461 MB); every
-#: other run is a check of the estimate, not a fit (docs/RESULTS.md, "Memory plan against
+#: other run is a check of the estimate, not a fit (docs/RESULTS.md, "The memory plan against
 #: measured peaks").
 CPU_RUNTIME_BYTES = 1397 * 2**20
 #: CUDA context and allocator slack on a GPU: an assumption (not measured here).
