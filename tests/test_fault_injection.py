@@ -42,13 +42,13 @@ if mode == "hold-train":  # steps 1-3 logged, then wait in step 5's batch for th
     import time
     import harness.interrupts as interrupts
     import harness.train.trainer as trainer
-    real_batch = trainer._batch_at
+    real_batch = trainer.batch_at
     def held(data, step, micro, cfg):
         # step index 4: the loss of step 3 was logged after step 4 was dispatched (lag one)
         while step >= 4 and interrupts._state["pending"] is None:
             time.sleep(0.02)  # SIGKILL ends it here; SIGTERM's handler sets "pending"
         return real_batch(data, step, micro, cfg)
-    trainer._batch_at = held
+    trainer.batch_at = held
 elif mode == "eval":  # after the quantized run's PPL is stored, before the rest of its eval
     from harness.orchestration.recorders import StoreRecorder
     real_metric = StoreRecorder.metric

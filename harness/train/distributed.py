@@ -39,8 +39,8 @@ from harness.errors import HarnessError, TrainingDiverged, require_module
 from harness.ray_cluster import init_ray
 from harness.train.config import TrainConfig
 from harness.train.trainer import (
-    _batch_at,
-    _batch_loss,
+    batch_at,
+    batch_loss,
     enable_grad_checkpointing,
     lr_lambda,
     optimizer_groups,
@@ -76,7 +76,7 @@ def check_distributable(cfg: TrainConfig, workers: int) -> None:
 def worker_share(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig, rank: int,
                  workers: int) -> torch.Tensor:
     """The rows of global micro-batch (step, micro) that ``rank`` of ``workers`` trains on."""
-    return _batch_at(data, step, micro, cfg)[rank::workers]
+    return batch_at(data, step, micro, cfg)[rank::workers]
 
 
 def _shard(model: torch.nn.Module, device: torch.device) -> None:
@@ -211,7 +211,7 @@ def _worker_loop(config: dict) -> None:
             total = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 ids = worker_share(data, step, micro, cfg, rank, workers).to(device)
-                loss = _batch_loss(model, teacher, objective, ids, amp)
+                loss = batch_loss(model, teacher, objective, ids, amp)
                 (loss / cfg.grad_accum).backward()
                 total += loss.detach().float() / cfg.grad_accum
             if cfg.grad_clip:

@@ -196,7 +196,7 @@ def check_micro_batch_memory(model: nn.Module, cfg: TrainConfig, device: torch.d
             f"{free / 2**30:,.1f} GiB free; lower train.batch_size (raise train.grad_accum)")
 
 
-def _batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
+def batch_at(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig) -> torch.Tensor:
     """Deterministic batch for (step, micro): resumes see exactly the batches they would have."""
     n = data.size(0)
     start = ((step * cfg.grad_accum + micro) * cfg.batch_size) % n
@@ -209,7 +209,7 @@ def _forward(model, ids, hidden: bool):
     return out.logits[:, :-1], (out.hidden_states if hidden else None)
 
 
-def _batch_loss(model, teacher, objective: Objective, ids: torch.Tensor, amp) -> torch.Tensor:
+def batch_loss(model, teacher, objective: Objective, ids: torch.Tensor, amp) -> torch.Tensor:
     """The objective on one batch (student forward, teacher forward without gradients)."""
     with amp:
         logits, hidden = _forward(model, ids, objective.needs_hidden_states)
@@ -233,7 +233,7 @@ def holdout_loss(model, teacher, objective: Objective, held: torch.Tensor, batch
         total = torch.zeros((), device=device)
         for lo in range(0, held.size(0), batch_size):
             ids = _to_device(held[lo : lo + batch_size], device)
-            total += _batch_loss(model, teacher, objective, ids, amp).float() * ids.size(0)
+            total += batch_loss(model, teacher, objective, ids, amp).float() * ids.size(0)
         return float(total) / held.size(0)
     finally:
         model.train(was_training)
@@ -383,8 +383,8 @@ def _optimizer_step(model, teacher, objective: Objective, opt, params, data, ste
     opt.zero_grad(set_to_none=True)
     total = None
     for micro in range(cfg.grad_accum):
-        ids = _to_device(_batch_at(data, step, micro, cfg), device)
-        loss = _batch_loss(model, teacher, objective, ids, amp)
+        ids = _to_device(batch_at(data, step, micro, cfg), device)
+        loss = batch_loss(model, teacher, objective, ids, amp)
         (loss / cfg.grad_accum).backward()
         part = loss.detach().float() / cfg.grad_accum
         total = part if total is None else total + part

@@ -61,7 +61,7 @@ def test_bitdistiller_trains_on_teacher_data_and_stores_gamma(store, tmp_path):
 def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
     import harness.train.trainer as trainer
 
-    real = trainer._batch_at
+    real = trainer.batch_at
 
     def crash_at_step_3(data, step, micro, cfg):
         if step == 3:
@@ -69,11 +69,11 @@ def test_crash_mid_training_then_rerun_resumes(store, tmp_path, monkeypatch):
         return real(data, step, micro, cfg)
 
     spec = _spec("qat")
-    monkeypatch.setattr(trainer, "_batch_at", crash_at_step_3)
+    monkeypatch.setattr(trainer, "batch_at", crash_at_step_3)
     [first] = execute([spec], store, tmp_path)
     assert first.status == "failed" and "simulated crash" in first.error
     assert store.get_run(first.run_id).status == "failed"
-    monkeypatch.setattr(trainer, "_batch_at", real)
+    monkeypatch.setattr(trainer, "batch_at", real)
     [second] = execute([spec], store, tmp_path)
     assert second.status == "finished" and second.run_id == first.run_id
     m = store.metric_dict(second.run_id)
@@ -166,7 +166,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_equals_an_unbr
     from harness import interrupts
     from harness.store import Store
 
-    real = trainer._batch_at
+    real = trainer.batch_at
 
     def sigterm_during_step_3(data, step, micro, cfg):
         if step == 2:
@@ -174,7 +174,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_equals_an_unbr
         return real(data, step, micro, cfg)
 
     spec = _spec("qat", train={**TRAIN, "checkpoint_every": 100})  # no periodic checkpoint
-    monkeypatch.setattr(trainer, "_batch_at", sigterm_during_step_3)
+    monkeypatch.setattr(trainer, "batch_at", sigterm_during_step_3)
     with pytest.raises(interrupts.Interrupted) as info, interrupts.installed():
         execute([spec], store, tmp_path / "a")
     assert "stopped by SIGTERM after training step 3 of 6" in str(info.value)
@@ -182,7 +182,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_equals_an_unbr
     assert run.status == "failed" and "after training step 3 of 6" in run.error
     state = json.loads((tmp_path / "a" / spec.run_key / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and state["train_s"] > 0  # the step in flight was kept
-    monkeypatch.setattr(trainer, "_batch_at", real)
+    monkeypatch.setattr(trainer, "batch_at", real)
     [resumed] = execute([spec], store, tmp_path / "a")
     assert resumed.status == "finished" and resumed.run_id == run.id
     m = store.metric_dict(resumed.run_id)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.train.config import TrainConfig
-from harness.train.trainer import _batch_at, _to_device
+from harness.train.trainer import _to_device, batch_at
 
 N_ROWS, WIDTH = 10, 65
 
@@ -36,23 +36,23 @@ ROWS_BS2_ACC3 = {(0, 0): [0, 1], (0, 1): [2, 3], (0, 2): [4, 5], (1, 0): [6, 7],
 def test_batch_at_reads_the_rows_of_its_step_and_micro_batch(cfg, expected):
     data = _data()
     for (step, micro), rows in expected.items():
-        assert torch.equal(_batch_at(data, step, micro, cfg), _rows(rows)), (step, micro)
+        assert torch.equal(batch_at(data, step, micro, cfg), _rows(rows)), (step, micro)
 
 
 def test_consecutive_batches_are_distinct_and_cover_the_data_evenly():
     data, cfg = _data(), TrainConfig(batch_size=4)
     # 5 steps x 4 rows = 2 passes over 10 rows: every row twice, whatever the wrap-around.
-    seen = Counter(int(row[0]) // 100 for step in range(5) for row in _batch_at(data, step, 0, cfg))
+    seen = Counter(int(row[0]) // 100 for step in range(5) for row in batch_at(data, step, 0, cfg))
     assert seen == {r: 2 for r in range(N_ROWS)}
     # ... and no two of those 5 steps repeat a batch (the cycle is 5 steps long)
-    assert len({tuple(_batch_at(data, step, 0, cfg)[:, 0].tolist()) for step in range(5)}) == 5
+    assert len({tuple(batch_at(data, step, 0, cfg)[:, 0].tolist()) for step in range(5)}) == 5
 
 
 def test_cpu_batches_do_not_alias_the_data_or_each_other():
     """The trainer keeps a batch while the next one is made; nothing written later (the data
     tensor, another batch) may show through it."""
     data, cfg = _data(), TrainConfig(batch_size=4)
-    batches = [_to_device(_batch_at(data, step, 0, cfg), "cpu") for step in range(4)]
+    batches = [_to_device(batch_at(data, step, 0, cfg), "cpu") for step in range(4)]
     data.fill_(-1)
     batches[1].fill_(-2)
     for step in (0, 2, 3):
@@ -66,7 +66,7 @@ def test_batches_reach_the_device_unchanged(device):
         pytest.skip("needs CUDA")
     data = _data()
     cfg = TrainConfig(steps=3, batch_size=4)
-    batches = [_to_device(_batch_at(data, step, 0, cfg), device) for step in range(3)]
+    batches = [_to_device(batch_at(data, step, 0, cfg), device) for step in range(3)]
     # the next copies must not overwrite a batch still on its way (pinned buffers are reused)
     for step, ids in enumerate(batches):
         assert ids.device.type == device

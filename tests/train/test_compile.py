@@ -22,13 +22,13 @@ def test_compiled_training_equals_eager_and_leaves_plain_modules(tmp_path, monke
 
     spec = _spec("onebit", train={**TRAIN, "steps": 3})
     losses, compiled_during_training = {}, []
-    real_step = trainer._batch_at
+    real_step = trainer.batch_at
 
     def spy(data, step, micro, cfg):  # the trainer calls it inside the loop
         compiled_during_training.append(bool(trainer._COMPILED))
         return real_step(data, step, micro, cfg)
 
-    monkeypatch.setattr(trainer, "_batch_at", spy)
+    monkeypatch.setattr(trainer, "batch_at", spy)
     for flag in ("0", "1"):
         monkeypatch.setenv("HARNESS_COMPILE", flag)
         torch._dynamo.reset()

@@ -11,16 +11,16 @@ from tests.methods.test_ladder import TRAIN, _spec
 
 
 def test_checkpointed_training_equals_plain_and_keeps_the_run_key(tmp_path, monkeypatch):
-    import torch.utils.checkpoint as ckpt
+    import transformers.modeling_utils as hf
 
     calls = []
-    real = ckpt.checkpoint
+    real = hf.checkpoint  # torch.utils.checkpoint.checkpoint, bound when transformers loads
 
-    def spy(*args, **kwargs):  # transformers' layers call it when checkpointing is on
+    def spy(*args, **kwargs):  # what gradient_checkpointing_enable wraps for every layer
         calls.append(kwargs.get("use_reentrant"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "checkpoint", spy)
+    monkeypatch.setattr(hf, "checkpoint", spy)
     losses, keys = {}, {}
     for flag in (False, True):
         spec = _spec("qat", train={**TRAIN, "steps": 3, "grad_checkpointing": flag})

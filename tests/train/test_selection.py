@@ -145,7 +145,7 @@ def test_holdout_loss_is_the_objective_per_sequence_over_the_slice(tiny_copy):
     value = trainer.holdout_loss(model, None, objective, held, 2, "cpu", nullcontext())
     with torch.no_grad():
         model.eval()
-        each = [float(trainer._batch_loss(model, None, objective, held[i : i + 1],
+        each = [float(trainer.batch_loss(model, None, objective, held[i : i + 1],
                                           nullcontext())) for i in range(3)]
     assert value == pytest.approx(sum(each) / 3, rel=1e-5)  # batches [2, 1] weighted by size
     model.train()
