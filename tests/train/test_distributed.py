@@ -150,7 +150,7 @@ def two_nodes(tmp_path):
             node.terminate()
         for node in nodes:
             try:
-                node.wait(timeout=5)
+                node.wait(timeout=2)
             except subprocess.TimeoutExpired:  # ...after its workers, which can take 30 s
                 pass
             with contextlib.suppress(ProcessLookupError):  # its own session: only its own
@@ -177,11 +177,11 @@ def _curve_and_ppl(db: Path) -> tuple[list[tuple[int, float]], float, str, str]:
 
 
 def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(
-        tmp_path, two_nodes):
+        tmp_path, two_nodes, cli):
     plain_db, dist_db = tmp_path / "plain.db", tmp_path / "dist.db"
-    plain = _harness([*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
-                      str(tmp_path / "plain")], tmp_path)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    code, _, err = cli(*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
+                       tmp_path / "plain")  # in this process: no Ray, no fault hook
+    assert code == 0, err[-3000:]
     argv = [*ARGS, "--db", f"sqlite:///{dist_db}", "--output-dir", str(tmp_path / "dist")]
     remote = ["--ray-address", two_nodes]
 
@@ -195,8 +195,8 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     assert '"step": 2' in state and '"workers": 2' in state
 
     # the single-process trainer does not silently restart over the sharded checkpoint
-    single = _harness(argv, tmp_path)
-    assert single.returncode == 1 and "--workers-per-run" in single.stderr, single.stderr[-2000:]
+    code, _, err = cli(*argv)
+    assert code == 1 and "--workers-per-run" in err, err[-2000:]
 
     resumed = _harness([*argv, *remote, "--workers-per-run", "1"], tmp_path)  # another count
     assert resumed.returncode == 0, resumed.stderr[-3000:]
