@@ -79,7 +79,7 @@ def worker_share(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig, ra
     return batch_at(data, step, micro, cfg)[rank::workers]
 
 
-def _shard(model: torch.nn.Module, device: torch.device) -> None:
+def _shard(model: torch.nn.Module) -> None:
     """FSDP2: every decoder layer is its own unit (gathered only around its forward and
     backward), the rest (embeddings, final norm, lm_head) the root's."""
     from torch.distributed.fsdp import fully_shard
@@ -180,7 +180,7 @@ def _worker_loop(config: dict) -> None:
     model.to(device)
     names = {n for n, _ in trainable_parameters(model)}
     enable_grad_checkpointing(model, cfg)
-    _shard(model, device)
+    _shard(model)
     teacher = None
     if objective.needs_teacher:  # replicated: frozen, forward only
         teacher, _ = load_model(config["model"], device=device)
