@@ -166,10 +166,12 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from harness.eval.memory import reset_peaks, window_peaks
     from harness.models import load_model
     from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 
     rank, workers = dist.get_rank(), dist.get_world_size()
+    reset_peaks()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
@@ -235,13 +237,19 @@ def _worker_loop(config: dict) -> None:
 
     full = get_model_state_dict(model, options=_options(full_state_dict=True,
                                                         cpu_offload=True))
+    peaks = {}
+    for kind, value in sorted(window_peaks().items()):  # the largest worker's, per kind
+        t = torch.tensor([float(value)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peaks[kind] = float(t)
     if rank == 0:
         out = run_dir / RESULT_DIR
         out.mkdir(parents=True, exist_ok=True)
         save_file({n: t.contiguous() for n, t in full.items() if n in names},
                   str(out / "params.safetensors"))
         (out / "result.json").write_text(json.dumps({
-            "start": start, "history": history, "train_s": train_s, "workers": workers}))
+            "start": start, "history": history, "train_s": train_s, "workers": workers,
+            "peaks": peaks}))
     dist.barrier()
 
 
@@ -352,3 +360,5 @@ def _record(recorder, result: dict, cfg: TrainConfig) -> None:
         recorder.metric("final_train_loss", result["history"][-1][1])
     recorder.metric("train_steps_s_total", result["train_s"])
     recorder.metric("train_workers", result["workers"])
+    for kind, value in result.get("peaks", {}).items():  # the run's own process has its own
+        recorder.metric(f"peak_{kind}_mb_train_worker", value)

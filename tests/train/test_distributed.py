@@ -209,3 +209,4 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     assert ppl == pytest.approx(ref_ppl, rel=5e-3)
     metrics = dict(_query(dist_db, "SELECT name, value FROM metrics WHERE task = ''"))
     assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
+    assert 100 < metrics["peak_rss_mb_train_worker"] < 20_000  # the worker's, in MB
