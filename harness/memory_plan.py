@@ -216,6 +216,10 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         # the configured batch is the global one: each worker's micro-batch is its share
         tokens = math.ceil(int(train["batch_size"]) / w) * int(train["seq_len"])
         c["weights"] = math.ceil(full / w)  # training alone is sharded
+        if w > 1 and not gpu:
+            # each worker receives the whole prepared model before sharding it, and the
+            # process keeps the heap it frees (on a GPU the shards alone reach the device)
+            c["weights"] += full
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0

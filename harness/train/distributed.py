@@ -179,10 +179,10 @@ def _worker_loop(config: dict) -> None:
     cfg: TrainConfig = config["cfg"]
     run_dir = Path(config["run_dir"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    model.to(device)
     names = {n for n, _ in trainable_parameters(model)}
     enable_grad_checkpointing(model, cfg)
-    _shard(model)
+    _shard(model)  # on the host: FSDP2 moves only this worker's shards to the mesh's device
+    model.to(device)
     teacher = None
     if objective.needs_teacher:  # replicated: frozen, forward only
         teacher, _ = load_model(config["model"], device=device)
