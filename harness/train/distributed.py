@@ -14,6 +14,10 @@ global batch; every micro-batch is split evenly (rows ``rank::N``), each worker'
 mean over its rows and FSDP averages the gradients, so the step equals the single-process
 step up to summation order. The run key does not contain N (``train_workers`` is a metric).
 
+The held-out selection (``train.holdout``, ``train.select_best``) runs on the workers: each
+evaluates its rows of every held-out batch, the losses are all-reduced, and the best step's
+weights are gathered on rank 0.
+
 Checkpoints are sharded (``torch.distributed.checkpoint``) in ``run_dir/checkpoint-sharded``:
 each worker writes its shards; a rerun loads them with any number of workers (DCP reshards).
 A worker that dies fails the training with its error; the rerun resumes from the last
@@ -38,7 +42,9 @@ from harness.api import Objective, RunContext
 from harness.errors import HarnessError, TrainingDiverged, require_module
 from harness.ray_cluster import init_ray
 from harness.train.config import TrainConfig
+from harness.train.data import holdout_source
 from harness.train.trainer import (
+    Selection,
     batch_at,
     batch_loss,
     enable_grad_checkpointing,
@@ -58,7 +64,7 @@ def check_distributable(cfg: TrainConfig, workers: int) -> None:
     """Refuses, in one line with the fix, training settings N workers cannot reproduce.
 
     Raises:
-        HarnessError: the micro-batch does not split evenly, or a held-out selection is asked.
+        HarnessError: the micro-batch does not split evenly.
     """
     if workers < 1:
         raise HarnessError(f"--workers-per-run {workers}: expected 1 or more workers")
@@ -67,16 +73,63 @@ def check_distributable(cfg: TrainConfig, workers: int) -> None:
             f"train.batch_size={cfg.batch_size} does not split over {workers} workers; set a "
             f"batch size divisible by {workers} (and raise train.grad_accum to keep the "
             f"global batch) or use another --workers-per-run")
-    if cfg.holdout:
-        raise HarnessError(
-            f"train.holdout={cfg.holdout} is computed by single-process training only; drop "
-            f"--workers-per-run or set train.holdout=0")
 
 
 def worker_share(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig, rank: int,
                  workers: int) -> torch.Tensor:
     """The rows of global micro-batch (step, micro) that ``rank`` of ``workers`` trains on."""
     return batch_at(data, step, micro, cfg)[rank::workers]
+
+
+@torch.no_grad()
+def sharded_holdout_loss(model, teacher, objective: Objective, held: torch.Tensor,
+                         batch_size: int, rank: int, workers: int, device, amp) -> float:
+    """:func:`harness.train.trainer.holdout_loss` with each batch's rows split over the
+    workers: the same sequence-weighted mean. Every worker runs one forward per batch (FSDP
+    gathers each layer for all of them), one without rows of its own weighted 0."""
+    import torch.distributed as dist
+
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros(2, device=device)  # sum of loss x rows, rows
+        for lo in range(0, held.size(0), batch_size):
+            rows = held[lo : lo + batch_size][rank::workers]
+            ids = (rows if rows.size(0) else held[lo : lo + 1]).to(device)
+            loss = batch_loss(model, teacher, objective, ids, amp).float()
+            total += torch.stack([loss * rows.size(0), torch.tensor(float(rows.size(0)),
+                                                                    device=device)])
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+    finally:
+        model.train(was_training)
+
+
+class ShardedSelection(Selection):
+    """The held-out selection on sharded workers: the loss over every worker's rows, and the
+    best step's weights gathered on rank 0 (every worker takes part in the gather)."""
+
+    def __init__(self, cfg: TrainConfig, held: torch.Tensor, rank: int, workers: int,
+                 names: set[str]) -> None:
+        super().__init__(cfg, held)
+        self.rank, self.workers, self.names = rank, workers, names
+
+    def evaluate(self, step: int, model, teacher, objective: Objective, device, amp) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        t0 = time.perf_counter()
+        loss = sharded_holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size,
+                                    self.rank, self.workers, device, amp)
+        self.check_finite(loss, step)
+        self.curve.append((step, loss))
+        if loss < self.best_loss:  # the same on every worker: the loss is all-reduced
+            self.best_step, self.best_loss = step, loss
+            if self.cfg.select_best:
+                full = get_model_state_dict(model, options=_options(full_state_dict=True,
+                                                                    cpu_offload=True))
+                self.best_params = {n: t.contiguous() for n, t in full.items()
+                                    if n in self.names} if self.rank == 0 else {}
+        self.seconds += time.perf_counter() - t0
 
 
 def _shard(model: torch.nn.Module) -> None:
@@ -114,7 +167,8 @@ class ShardedCheckpointer:
         params = {n: t for n, t in get_model_state_dict(model).items() if n in names}
         return {"model": params, "optim": get_optimizer_state_dict(model, opt)}
 
-    def save(self, model, opt, sched, names: set[str], meta: dict) -> None:
+    def save(self, model, opt, sched, names: set[str], meta: dict,
+             selection: Selection | None = None) -> None:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
@@ -125,12 +179,17 @@ class ShardedCheckpointer:
         dist.barrier()
         if self.rank == 0:
             meta = {**meta, "scheduler": sched.state_dict(), "spec_hash": self.spec_hash}
+            if selection is not None:
+                meta["selection"] = selection.state()
+                if selection.best_params:  # rank 0 holds the gathered best weights
+                    save_file(selection.best_params, str(self.tmp / "best.safetensors"))
             (self.tmp / "state.json").write_text(json.dumps(meta))
             shutil.rmtree(self.dir, ignore_errors=True)
             self.tmp.rename(self.dir)
         dist.barrier()
 
-    def load(self, model, opt, sched, names: set[str]) -> dict:
+    def load(self, model, opt, sched, names: set[str],
+             selection: Selection | None = None) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
@@ -147,6 +206,10 @@ class ShardedCheckpointer:
                                  options=_options(strict=False))
             set_optimizer_state_dict(model, opt, state["optim"])
             sched.load_state_dict(meta["scheduler"])
+            if selection is not None and "selection" in meta:
+                best = self.dir / "best.safetensors"
+                selection.load(meta["selection"], load_file(str(best))
+                               if best.exists() and self.rank == 0 else {})
         except Exception as exc:
             raise HarnessError(f"sharded checkpoint {self.dir} is unreadable "
                                f"({type(exc).__name__}: {str(exc)[:120]}); delete that folder "
@@ -175,7 +238,7 @@ def _worker_loop(config: dict) -> None:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    model, objective, data = ray.get(config["payload"])
+    model, objective, data, held = ray.get(config["payload"])
     cfg: TrainConfig = config["cfg"]
     run_dir = Path(config["run_dir"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
@@ -194,10 +257,11 @@ def _worker_loop(config: dict) -> None:
                             betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt = ShardedCheckpointer(run_dir, config["spec_hash"], rank)
+    selection = None if held is None else ShardedSelection(cfg, held, rank, workers, names)
     history: list[list[float]] = []
     start, train_s = 0, 0.0
     if ckpt.exists():
-        meta = ckpt.load(model, opt, sched, names)
+        meta = ckpt.load(model, opt, sched, names, selection)
         start, train_s, history = int(meta["step"]), float(meta["train_s"]), meta["history"]
     amp = training_autocast(device)
     model.train()
@@ -229,10 +293,12 @@ def _worker_loop(config: dict) -> None:
             seconds = time.perf_counter() - t0
             train_s += seconds
             history.append([step + 1, value, lr, tokens_per_step / max(seconds, 1e-9)])
+            if selection is not None and selection.due(step + 1):
+                selection.evaluate(step + 1, model, teacher, objective, device, amp)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 ckpt.save(model, opt, sched, names, {
                     "step": step + 1, "train_s": train_s, "history": history,
-                    "workers": workers})
+                    "workers": workers}, selection)
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     full = get_model_state_dict(model, options=_options(full_state_dict=True,
@@ -245,11 +311,13 @@ def _worker_loop(config: dict) -> None:
     if rank == 0:
         out = run_dir / RESULT_DIR
         out.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.contiguous() for n, t in full.items() if n in names},
-                  str(out / "params.safetensors"))
+        chosen = {n: t.contiguous() for n, t in full.items() if n in names}
+        if selection is not None and cfg.select_best and selection.best_params:
+            chosen = selection.best_params  # the held-out selection's step, not the last
+        save_file(chosen, str(out / "params.safetensors"))
         (out / "result.json").write_text(json.dumps({
             "start": start, "history": history, "train_s": train_s, "workers": workers,
-            "peaks": peaks}))
+            "peaks": peaks, "selection": None if selection is None else selection.state()}))
     dist.barrier()
 
 
@@ -271,7 +339,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
                       ctx: RunContext, workers: int, use_gpu: bool = False,
                       ray_address: str | None = None) -> dict:
     """Trains ``model`` in place on ``workers`` Ray Train workers; returns what
-    :func:`harness.train.trainer.train` returns (``best_step`` None: no held-out selection).
+    :func:`harness.train.trainer.train` returns.
 
     Raises:
         HarnessError: settings N workers cannot reproduce, a checkpoint of single-process
@@ -298,7 +366,8 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
 
     out = Path(ctx.run_dir) / RESULT_DIR
     shutil.rmtree(out, ignore_errors=True)
-    payload = ray.put((model.to("cpu"), objective, data.cpu()))
+    held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
+    payload = ray.put((model.to("cpu"), objective, data.cpu(), held))
     config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
               "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
               "spec_hash": ctx.spec.spec_hash(),
@@ -327,10 +396,16 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
             named[n].copy_(t.to(named[n].device))
     model.to(ctx.device)
     _record(ctx.recorder, result, cfg)
+    best_step = None
+    if result.get("selection") is not None:
+        selection = Selection(cfg, held)
+        selection.load(result["selection"], {})
+        selection.record(ctx.recorder)
+        best_step = selection.best_step
     model.eval()
     history = result["history"]
     return {"final_loss": history[-1][1] if history else None, "steps": cfg.steps,
-            "resumed_from": result["start"], "best_step": None}
+            "resumed_from": result["start"], "best_step": best_step}
 
 
 def _failure_line(exc: BaseException, workers: int) -> str:

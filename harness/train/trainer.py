@@ -120,7 +120,7 @@ class Checkpointer:
         return (self.dir / "state.json").exists()
 
     def save(self, step: int, model, opt, sched, train_s: float = 0.0,
-             loss: float | None = None, selection: _Selection | None = None) -> None:
+             loss: float | None = None, selection: Selection | None = None) -> None:
         tmp = self.dir.with_name("checkpoint.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
@@ -139,7 +139,7 @@ class Checkpointer:
             shutil.rmtree(self.dir)
         tmp.rename(self.dir)  # atomic swap: a crash mid-save leaves the previous checkpoint
 
-    def load(self, model, opt, sched, selection: _Selection | None = None) -> int:
+    def load(self, model, opt, sched, selection: Selection | None = None) -> int:
         try:
             meta = json.loads((self.dir / "state.json").read_text())
             step = int(meta["step"])
@@ -239,7 +239,7 @@ def holdout_loss(model, teacher, objective: Objective, held: torch.Tensor, batch
         model.train(was_training)
 
 
-class _Selection:
+class Selection:
     """Held-out loss every ``cfg.holdout_every`` steps and after the last; with
     ``cfg.select_best`` a host copy of the trainable weights of the step with the lowest loss
     (strictly lower: ties keep the earlier step, as the reference's Trainer), restored by
@@ -259,10 +259,7 @@ class _Selection:
     def evaluate(self, step: int, model, teacher, objective: Objective, device, amp) -> None:
         t0 = time.perf_counter()
         loss = holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size, device, amp)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"held-out loss is {loss} at step {step}; lower the learning rate "
-                f"(train.lr={self.cfg.lr}) or check the data, then rerun")
+        self.check_finite(loss, step)
         self.curve.append((step, loss))
         if loss < self.best_loss:
             self.best_step, self.best_loss = step, loss
@@ -272,6 +269,12 @@ class _Selection:
         self.seconds += time.perf_counter() - t0
         log.info("step %d: held-out loss %.4f (best %.4f at step %d)", step, loss,
                  self.best_loss, self.best_step)
+
+    def check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"held-out loss is {loss} at step {step}; lower the learning rate "
+                f"(train.lr={self.cfg.lr}) or check the data, then rerun")
 
     def restore(self, model) -> None:
         if not (self.cfg.select_best and self.best_params):
@@ -436,7 +439,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
           progress: bool = True) -> dict:
     """Minimises ``objective`` over ``cfg.steps`` optimizer steps; resumes from a checkpoint.
     With ``cfg.holdout`` the objective is also computed on the held-out slice of the data
-    (:class:`_Selection`); with ``cfg.select_best`` the model ends with the weights of the step
+    (:class:`Selection`); with ``cfg.select_best`` the model ends with the weights of the step
     where it was lowest.
 
     Returns:
@@ -468,7 +471,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     data = ctx.train_batches(objective.data)
     selection = None
     if cfg.holdout:
-        selection = _Selection(cfg, ctx.train_batches(holdout_source(objective.data)))
+        selection = Selection(cfg, ctx.train_batches(holdout_source(objective.data)))
     teacher = ctx.teacher() if objective.needs_teacher else None
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -32,7 +32,9 @@ ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--no-fp", "--tasks"
         "--max-eval-tokens", "256", "--seq-len", "128", "--set", f"train.steps={STEPS}",
         "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
         "--set", "train.batch_size=2", "--set", "data=corpus", "--set", "calib_samples=2",
-        "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2"]
+        "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2",
+        "--set", "train.holdout=0.25", "--set", "train.select_best=true",
+        "--set", "train.eval_every=1"]  # the held-out selection's state crosses the resume
 
 # Ray starts the workers from this interpreter's environment: PYTHONPATH puts this module first,
 # and it makes rank 1 SIGKILL itself when it takes the batch of FAULT_KILL_AT_STEP (0-based).
@@ -75,7 +77,6 @@ def test_worker_shares_partition_each_micro_batch():
 
 @pytest.mark.parametrize("cfg, workers, words", [
     (TrainConfig(batch_size=4), 3, "does not split over 3 workers"),
-    (TrainConfig(holdout=0.2), 2, "train.holdout"),
     (TrainConfig(), 0, "expected 1 or more"),
 ])
 def test_settings_that_workers_cannot_reproduce_are_refused(cfg, workers, words):
@@ -208,5 +209,9 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
         assert a == pytest.approx(b, rel=1e-3)
     assert ppl == pytest.approx(ref_ppl, rel=5e-3)
     metrics = dict(_query(dist_db, "SELECT name, value FROM metrics WHERE task = ''"))
+    ref = dict(_query(plain_db, "SELECT name, value FROM metrics WHERE task = ''"))
+    assert metrics["best_step"] == ref["best_step"]
+    for name in ("holdout_loss", "holdout_loss_last"):  # 4 evaluations, 2 of them resumed
+        assert metrics[name] == pytest.approx(ref[name], rel=1e-3)
     assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
     assert 100 < metrics["peak_rss_mb_train_worker"] < 20_000  # the worker's, in MB
