@@ -168,7 +168,8 @@ class RunSpec(BaseModel):
     def spec_hash(self) -> str:
         """sha256 of the spec with the training settings that only say when the run writes
         (:data:`WRITE_ONLY_TRAIN_KEYS`, and activation checkpointing) at their defaults: runs
-        differing in them compute the same thing, so a rerun with another ``checkpoint_every`` resumes or reuses the run.
+        differing in them compute the same thing, so a rerun with another
+        ``checkpoint_every`` resumes or reuses the run.
         Hashing the defaults, not dropping the keys, keeps earlier runs' hashes."""
         data = self._dump()
         train = data["config"].get("train")

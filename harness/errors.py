@@ -28,3 +28,10 @@ def require_module(module: str, feature: str):
 
 class TrainingDiverged(HarnessError):
     """The loss became NaN or infinite: the run is marked failed with this message."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for users; the traceback goes to the log (and the store for unexpected ones)."""
+    if isinstance(exc, HarnessError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

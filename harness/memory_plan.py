@@ -13,11 +13,13 @@ ways out. The estimate is the largest of three phases plus a fixed runtime term:
   window's logits and its log-softmax + one layer's attention scores and MLP intermediates.
 
 Sizes follow what the code holds (``harness/train/trainer.py``, ``autocast.py``,
-``losses.py``, ``eval/ppl.py``): the model is loaded in float32 on every device; the GPU trains
-under bf16 autocast (activations 2 bytes, fp32 master weights, gradients and AdamW state); the
-frozen teacher's linears are cast to bf16 on the GPU (its embedding stays fp32); the CPU trains
-in float32. Several workers (FSDP) shard weights, gradients and AdamW state by the worker count;
-the teacher is replicated and each worker holds its own micro-batch's activations.
+``losses.py``, ``eval/ppl.py``): the model is loaded in float32; the GPU trains under bf16
+autocast (activations 2 bytes, fp32 master weights, gradients and AdamW state); the frozen
+teacher's linears are cast to bf16 on the GPU (its embedding stays fp32); the CPU trains in
+float32. Several workers (FSDP, ``harness/train/distributed.py``) shard the training's weights,
+gradients and AdamW state and split each micro-batch; the teacher is replicated, and prepare
+and eval see the whole model in the run's own process. On the CPU the process keeps the heap
+it frees, so evaluation's buffers count on top of the earlier phases.
 """
 
 from __future__ import annotations
@@ -166,10 +168,10 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> in
     return tokens * per_token
 
 
-def _loss_kind(method: str, config: dict) -> str:
-    if method in ("bitdistiller", "onebit"):
-        return "kd"
-    return "ce"
+def _train_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``train`` section of a run's config (None: the method does not train)."""
+    train = config.get("train")
+    return train if isinstance(train, dict) else None
 
 
 def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq_len: int,
@@ -208,7 +210,7 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     else:
         c["teacher"] = 0
 
-    train = config.get("train") if isinstance(config.get("train"), dict) else None
+    train = _train_of(config)
     if train is not None:
         trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
         ckpt = train.get("grad_checkpointing", False) if grad_checkpointing is None \
@@ -237,8 +239,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         if method == "onebit":  # hidden states of both models, stacked in fp32 for the MSE
             acts += 3 * (shape.layers + 1) * tokens * shape.hidden * 4
         c["activations"] = acts
-        kind = _loss_kind(method, config)
-        models = 2 if teacher else 1
+        # a run with a teacher distils (KD-style losses), one without trains on cross-entropy
+        models, kind = (2, "kd") if teacher else (1, "ce")
         c["logits"] = tokens * shape.vocab * (models * act + 4 * LOSS_FP32_COPIES[kind])
         phases["train"] = (c["weights"] + c["teacher"] + c["grads"] + c["adamw"] + extra
                            + acts + c["logits"])
@@ -357,7 +359,7 @@ def plan_table(rows: list[tuple[Any, Estimate]], device_bytes: int) -> str:
 def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_bytes: int) -> str:
     """The options that would make ``spec`` fit, each with its estimate."""
     opts = []
-    train = spec.config.get("train") if isinstance(spec.config.get("train"), dict) else None
+    train = _train_of(spec.config)
     flag = "--gpus-per-run" if device_type == "cuda" else "--workers-per-run"
     if train is not None:  # only training is sharded over workers
         for n in (2, 4, 8, 16, 32, 64):
@@ -409,7 +411,7 @@ def dry_run(specs, device: str | None, device_mem_gib: float | None, workers: in
         rows.append((spec, estimate_spec(spec, shapes[spec.model], device_type, workers)))
     too_big = [(s, e) for s, e in rows if e.total > device_bytes]
     # name a training run first when there is one: it has every option
-    too_big.sort(key=lambda se: not isinstance(se[0].config.get("train"), dict))
+    too_big.sort(key=lambda se: _train_of(se[0].config) is None)
     if too_big:
         spec, est = too_big[0]
         more = f" (and {len(too_big) - 1} more run(s))" if len(too_big) > 1 else ""

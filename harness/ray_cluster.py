@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, describe_error
 from harness.interrupts import reinstall
 
 #: environment forwarded to workers of a remote cluster (a local one inherits the driver's)
@@ -31,7 +31,7 @@ def init_ray(ray_address: str | None, min_cpus: int = 1) -> bool:
         except (ConnectionError, RuntimeError) as exc:
             raise HarnessError(
                 f"could not join the Ray cluster at --ray-address {ray_address} "
-                f"({f'{type(exc).__name__}: {exc}'.splitlines()[0][:500]}); a "
+                f"({describe_error(exc)}); a "
                 f"cluster started by `ray start` uses token authentication: set "
                 f"RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or "
                 f"RAY_AUTH_TOKEN)") from None

@@ -244,6 +244,7 @@ class Experiment(BaseModel):
             methods = {m: methods[m] for m in args.methods}
         given_seeds = getattr(args, "seeds", None) or args.seed is not None
         gpus = getattr(args, "gpus_per_run", None)
+        workers = getattr(args, "workers_per_run", None)
         return type(self)(**{
             **dict(self),
             "models": [args.model] if args.model else self.models,
@@ -256,7 +257,7 @@ class Experiment(BaseModel):
             "fp_reference": self.fp_reference and not getattr(args, "no_fp", False),
             "scheduler": getattr(args, "scheduler", None) or self.scheduler,
             "gpus_per_run": gpus if gpus is not None else self.gpus_per_run,
-            "workers_per_run": getattr(args, "workers_per_run", None) or self.workers_per_run,
+            "workers_per_run": workers if workers is not None else self.workers_per_run,
         })
 
 

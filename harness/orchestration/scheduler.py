@@ -19,11 +19,12 @@ import torch
 
 from harness.config import RunSpec
 from harness.devices import pick_device
-from harness.errors import HarnessError, require_module
+from harness.errors import HarnessError, describe_error, require_module
 from harness.interrupts import explain
 from harness.orchestration.recorders import StoreRecorder
 from harness.orchestration.runner import execute_run, run_dir_for
 from harness.store import RunBusy, Store
+from harness.train.trainer import CHECKPOINT_DIR, SHARDED_CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,6 @@ class Outcome:
 def busy(spec: RunSpec, run_id: int, owner: str | None) -> Outcome:
     """The outcome of a run left to the live process that runs it (``harness run`` says so)."""
     return Outcome(spec, run_id, "busy", f"running in another process ({owner})")
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for users; the traceback goes to the log (and the store for unexpected ones)."""
-    if isinstance(exc, HarnessError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -119,7 +113,7 @@ def execute(specs: list[RunSpec], store: Store, output_dir: str | Path = "runs",
         else:
             if force and existing is not None and existing.status == "finished":
                 # --force recomputes: a final-step checkpoint would only be reloaded
-                for name in ("checkpoint", "checkpoint-sharded"):
+                for name in (CHECKPOINT_DIR, SHARDED_CHECKPOINT_DIR):
                     shutil.rmtree(run_dir_for(output_dir, spec) / name, ignore_errors=True)
             pending.append(spec)
     if scheduler == "ray" and pending and not workers_per_run:

@@ -28,35 +28,37 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from harness.api import Objective, RunContext
-from harness.errors import HarnessError, TrainingDiverged, require_module
+from harness.errors import HarnessError, require_module
 from harness.ray_cluster import init_ray
 from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
 from harness.train.trainer import (
+    CHECKPOINT_DIR,
+    SHARDED_CHECKPOINT_DIR,
     Selection,
     batch_at,
     batch_loss,
+    check_step_loss,
+    copy_trainable,
     enable_grad_checkpointing,
     lr_lambda,
     optimizer_groups,
-    set_embeddings_trainable,
+    optimizer_step,
+    trainable_for,
     trainable_parameters,
 )
 
 log = logging.getLogger(__name__)
 
-SHARDED_DIR = "checkpoint-sharded"
 RESULT_DIR = "distributed-result"
 
 
@@ -114,22 +116,22 @@ class ShardedSelection(Selection):
         super().__init__(cfg, held)
         self.rank, self.workers, self.names = rank, workers, names
 
-    def evaluate(self, step: int, model, teacher, objective: Objective, device, amp) -> None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        t0 = time.perf_counter()
-        loss = sharded_holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size,
+    def loss_of(self, model, teacher, objective: Objective, device, amp) -> float:
+        return sharded_holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size,
                                     self.rank, self.workers, device, amp)
-        self.check_finite(loss, step)
-        self.curve.append((step, loss))
-        if loss < self.best_loss:  # the same on every worker: the loss is all-reduced
-            self.best_step, self.best_loss = step, loss
-            if self.cfg.select_best:
-                full = get_model_state_dict(model, options=_options(full_state_dict=True,
-                                                                    cpu_offload=True))
-                self.best_params = {n: t.contiguous() for n, t in full.items()
-                                    if n in self.names} if self.rank == 0 else {}
-        self.seconds += time.perf_counter() - t0
+
+    def snapshot(self, model) -> dict[str, torch.Tensor]:
+        """Called on every worker alike (the loss is all-reduced)."""
+        return gathered_trainable(model, self.names, self.rank)
+
+
+def gathered_trainable(model, names: set[str], rank: int) -> dict[str, torch.Tensor]:
+    """The whole trainable weights on rank 0's host (``{}`` elsewhere); every worker must
+    call it, each takes part in the gather."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    return {n: t.contiguous() for n, t in full.items() if n in names} if rank == 0 else {}
 
 
 def _shard(model: torch.nn.Module) -> None:
@@ -150,8 +152,8 @@ class ShardedCheckpointer:
     previous checkpoint."""
 
     def __init__(self, run_dir: Path, spec_hash: str | None, rank: int) -> None:
-        self.dir = Path(run_dir) / SHARDED_DIR
-        self.tmp = self.dir.with_name(SHARDED_DIR + ".tmp")
+        self.dir = Path(run_dir) / SHARDED_CHECKPOINT_DIR
+        self.tmp = self.dir.with_name(SHARDED_CHECKPOINT_DIR + ".tmp")
         self.spec_hash, self.rank = spec_hash, rank
 
     def exists(self) -> bool:
@@ -266,30 +268,22 @@ def _worker_loop(config: dict) -> None:
     amp = training_autocast(device)
     model.train()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.size(1) - 1)
-    with frozen_linears_in(teacher, autocast_dtype(device)) if teacher is not None \
-            else nullcontext():
+
+    def batch_of(step: int, micro: int) -> torch.Tensor:
+        return worker_share(data, step, micro, cfg, rank, workers).to(device)
+
+    with frozen_linears_in(teacher, autocast_dtype(device)):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
             if objective.on_step is not None:
                 objective.on_step(step)
-            opt.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                ids = worker_share(data, step, micro, cfg, rank, workers).to(device)
-                loss = batch_loss(model, teacher, objective, ids, amp)
-                (loss / cfg.grad_accum).backward()
-                total += loss.detach().float() / cfg.grad_accum
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            total = optimizer_step(model, teacher, objective, opt, params, batch_of, step,
+                                   cfg, amp)
             sched.step()
             dist.all_reduce(total)  # gloo has no AVG: the sum over equal shares, / N
             value = float(total) / workers
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss is {value} at step {step + 1}; lower the learning rate "
-                    f"(train.lr={cfg.lr}) or check the data, then rerun")
+            check_step_loss(value, step + 1, cfg)
             seconds = time.perf_counter() - t0
             train_s += seconds
             history.append([step + 1, value, lr, tokens_per_step / max(seconds, 1e-9)])
@@ -299,10 +293,10 @@ def _worker_loop(config: dict) -> None:
                 ckpt.save(model, opt, sched, names, {
                     "step": step + 1, "train_s": train_s, "history": history,
                     "workers": workers}, selection)
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full = get_model_state_dict(model, options=_options(full_state_dict=True,
-                                                        cpu_offload=True))
+    if selection is not None and cfg.select_best and selection.best_step is not None:
+        chosen = selection.best_params  # the held-out selection's step, not the last
+    else:
+        chosen = gathered_trainable(model, names, rank)
     peaks = {}
     for kind, value in sorted(window_peaks().items()):  # the largest worker's, per kind
         t = torch.tensor([float(value)], device=device)
@@ -311,9 +305,6 @@ def _worker_loop(config: dict) -> None:
     if rank == 0:
         out = run_dir / RESULT_DIR
         out.mkdir(parents=True, exist_ok=True)
-        chosen = {n: t.contiguous() for n, t in full.items() if n in names}
-        if selection is not None and cfg.select_best and selection.best_params:
-            chosen = selection.best_params  # the held-out selection's step, not the last
         save_file(chosen, str(out / "params.safetensors"))
         (out / "result.json").write_text(json.dumps({
             "start": start, "history": history, "train_s": train_s, "workers": workers,
@@ -347,7 +338,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
         TrainingDiverged: the loss became NaN/inf.
     """
     check_distributable(cfg, workers)
-    plain = Path(ctx.run_dir) / "checkpoint"
+    plain = Path(ctx.run_dir) / CHECKPOINT_DIR
     if (plain / "state.json").exists():
         raise HarnessError(f"{plain} was written by single-process training; rerun without "
                            f"--workers-per-run to resume it, or delete that folder")
@@ -355,9 +346,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    set_embeddings_trainable(model, cfg.trainable)
-    if not trainable_parameters(model):
-        raise HarnessError("nothing to train: every parameter is frozen")
+    trainable_for(model, cfg)
     data = ctx.train_batches(objective.data)
     if ctx.release_teacher is not None:  # the workers load their own; this one would sit on
         ctx.release_teacher()            # the first GPU while they train
@@ -387,13 +376,11 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
         del payload
     result = json.loads((out / "result.json").read_text())
     trained = load_file(str(out / "params.safetensors"))
-    named = dict(trainable_parameters(model))
-    if set(trained) != set(named):
-        raise HarnessError(f"the workers returned parameters {sorted(set(trained) ^ set(named))[:3]} "
+    names = {n for n, _ in trainable_parameters(model)}
+    if set(trained) != names:
+        raise HarnessError(f"the workers returned parameters {sorted(set(trained) ^ names)[:3]} "
                            f"the model does not have; delete {out} and rerun")
-    with torch.no_grad():
-        for n, t in trained.items():
-            named[n].copy_(t.to(named[n].device))
+    copy_trainable(model, trained)
     model.to(ctx.device)
     _record(ctx.recorder, result, cfg)
     best_step = None

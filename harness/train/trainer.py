@@ -35,6 +35,11 @@ from harness.train.data import holdout_source
 
 log = logging.getLogger(__name__)
 
+#: run-folder subfolders of a run's training checkpoint: this trainer's, and the sharded one of
+#: training on several workers (harness.train.distributed); a run resumes only from its own kind
+CHECKPOINT_DIR = "checkpoint"
+SHARDED_CHECKPOINT_DIR = "checkpoint-sharded"
+
 
 def set_embeddings_trainable(model: nn.Module, trainable: str) -> None:
     """``train.trainable``: the input embeddings and lm_head train with ``"all"`` only (one
@@ -57,6 +62,34 @@ def enable_grad_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes ``tensors`` (host copies by name) into the model's trainable parameters."""
+    named = dict(trainable_parameters(model))
+    with torch.no_grad():
+        for n, t in tensors.items():
+            named[n].copy_(t.to(named[n].device))
+
+
+def trainable_for(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
+    """The parameters ``cfg`` trains (``train.trainable`` applied).
+
+    Raises:
+        HarnessError: every parameter is frozen.
+    """
+    set_embeddings_trainable(model, cfg.trainable)
+    if cfg.trainable == "all":
+        # harness/export.py leaves embeddings and lm_head out of the packed file and checks
+        # the base model by its embedding: the run's own metrics are of the trained model,
+        # a later `harness eval`/`export` of it refuses the file
+        log.warning("train.trainable=all: the packed file does not store the trained "
+                    "embeddings/lm_head; this run's metrics are right, but `harness eval` and "
+                    "`harness export` of it will refuse its packed file")
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise HarnessError("nothing to train: every parameter is frozen")
+    return params
 
 
 # Hugging Face Trainer's rule (get_decay_parameter_names), which the papers' code trains with:
@@ -111,7 +144,7 @@ class Checkpointer:
     held-out selection's state (its curve, and the best step's weights when selecting)."""
 
     def __init__(self, run_dir: Path, spec_hash: str | None = None) -> None:
-        self.dir = Path(run_dir) / "checkpoint"
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.spec_hash = spec_hash  # written into state.json; a load for another spec fails
         self.train_s = 0.0
         self.loss: float | None = None  # the last saved step's loss (a finished run's final)
@@ -149,12 +182,9 @@ class Checkpointer:
                 raise ValueError(f"written by run {written_for[:12]}, not this run "
                                  f"{self.spec_hash[:12]}")
             params = load_file(str(self.dir / "params.safetensors"))
-            named = dict(trainable_parameters(model))
-            if set(params) != set(named):
+            if set(params) != {n for n, _ in trainable_parameters(model)}:
                 raise ValueError("parameter names differ from the model's")
-            with torch.no_grad():
-                for n, t in params.items():
-                    named[n].copy_(t.to(named[n].device))
+            copy_trainable(model, params)
             state = torch.load(self.dir / "optim.pt", weights_only=True, map_location="cpu")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -258,31 +288,33 @@ class Selection:
 
     def evaluate(self, step: int, model, teacher, objective: Objective, device, amp) -> None:
         t0 = time.perf_counter()
-        loss = holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size, device, amp)
-        self.check_finite(loss, step)
-        self.curve.append((step, loss))
-        if loss < self.best_loss:
-            self.best_step, self.best_loss = step, loss
-            if self.cfg.select_best:
-                self.best_params = {n: p.detach().to("cpu", copy=True).contiguous()
-                                    for n, p in trainable_parameters(model)}
-        self.seconds += time.perf_counter() - t0
-        log.info("step %d: held-out loss %.4f (best %.4f at step %d)", step, loss,
-                 self.best_loss, self.best_step)
-
-    def check_finite(self, loss: float, step: int) -> None:
+        loss = self.loss_of(model, teacher, objective, device, amp)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"held-out loss is {loss} at step {step}; lower the learning rate "
                 f"(train.lr={self.cfg.lr}) or check the data, then rerun")
+        self.curve.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            if self.cfg.select_best:
+                self.best_params = self.snapshot(model)
+        self.seconds += time.perf_counter() - t0
+        log.info("step %d: held-out loss %.4f (best %.4f at step %d)", step, loss,
+                 self.best_loss, self.best_step)
+
+    def loss_of(self, model, teacher, objective: Objective, device, amp) -> float:
+        """The held-out loss of the model as it is now."""
+        return holdout_loss(model, teacher, objective, self.held, self.cfg.batch_size, device,
+                            amp)
+
+    def snapshot(self, model) -> dict[str, torch.Tensor]:
+        """Host copies of the trainable weights, kept as the best step's."""
+        return {n: p.detach().to("cpu", copy=True).contiguous()
+                for n, p in trainable_parameters(model)}
 
     def restore(self, model) -> None:
-        if not (self.cfg.select_best and self.best_params):
-            return
-        named = dict(trainable_parameters(model))
-        with torch.no_grad():
-            for n, t in self.best_params.items():
-                named[n].copy_(t.to(named[n].device))
+        if self.cfg.select_best and self.best_params:
+            copy_trainable(model, self.best_params)
 
     def record(self, recorder) -> None:
         if not self.curve:
@@ -378,15 +410,16 @@ def _to_device(ids: torch.Tensor, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def _optimizer_step(model, teacher, objective: Objective, opt, params, data, step: int,
-                    cfg: TrainConfig, device, amp) -> torch.Tensor:
-    """Dispatches one optimizer step over ``cfg.grad_accum`` micro-batches; returns the step's
-    mean loss as a 0-d tensor without waiting for it (the caller reads it, and checks it is
-    finite, while the next step runs: see :class:`_PendingLoss`)."""
+def optimizer_step(model, teacher, objective: Objective, opt, params, batch_of, step: int,
+                   cfg: TrainConfig, amp) -> torch.Tensor:
+    """Dispatches one optimizer step over ``cfg.grad_accum`` micro-batches, ``batch_of(step,
+    micro)`` giving each on the device; returns the step's mean loss as a 0-d tensor without
+    waiting for it (the caller reads it, and checks it is finite, while the next step runs:
+    see :class:`_PendingLoss`)."""
     opt.zero_grad(set_to_none=True)
     total = None
     for micro in range(cfg.grad_accum):
-        ids = _to_device(batch_at(data, step, micro, cfg), device)
+        ids = batch_of(step, micro)
         loss = batch_loss(model, teacher, objective, ids, amp)
         (loss / cfg.grad_accum).backward()
         part = loss.detach().float() / cfg.grad_accum
@@ -395,6 +428,14 @@ def _optimizer_step(model, teacher, objective: Objective, opt, params, data, ste
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return total
+
+
+def check_step_loss(value: float, step: int, cfg: TrainConfig) -> None:
+    """Raises:
+        TrainingDiverged: the loss of training step ``step`` is NaN or infinite."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss is {value} at step {step}; lower the learning rate "
+                               f"(train.lr={cfg.lr}) or check the data, then rerun")
 
 
 class _PendingLoss:
@@ -422,10 +463,7 @@ class _PendingLoss:
             number, loss, lr, tps = self.step
             self.step = None
             value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss is {value} at step {number}; lower the learning rate "
-                    f"(train.lr={self.cfg.lr}) or check the data, then rerun")
+            check_step_loss(value, number, self.cfg)
             self.value = value
             if number % self.cfg.log_every == 0 or number == self.cfg.steps:
                 self.recorder.train_step(number, value, lr, tps)
@@ -451,18 +489,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     """
     device = ctx.device
     compile_options()  # a bad HARNESS_COMPILE fails the run before any work
-    set_embeddings_trainable(model, cfg.trainable)
-    if cfg.trainable == "all":
-        # harness/export.py leaves embeddings and lm_head out of the packed file and checks
-        # the base model by its embedding: the run's own metrics are of the trained model,
-        # a later `harness eval`/`export` of it refuses the file
-        log.warning("train.trainable=all: the packed file does not store the trained "
-                    "embeddings/lm_head; this run's metrics are right, but `harness eval` and "
-                    "`harness export` of it will refuse its packed file")
-    params = [p for _, p in trainable_parameters(model)]
-    if not params:
-        raise HarnessError("nothing to train: every parameter is frozen")
-    sharded = Path(ctx.run_dir) / "checkpoint-sharded"
+    params = trainable_for(model, cfg)
+    sharded = Path(ctx.run_dir) / SHARDED_CHECKPOINT_DIR
     if (sharded / "state.json").exists():
         raise HarnessError(f"{sharded} was written by training on several workers; rerun with "
                            f"--workers-per-run (any number) to resume it, or delete that folder")
@@ -495,6 +523,10 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
     batched = _batched_weights(model, device)
     train_s = ckpt.train_s  # seconds in training steps before this invocation
     pending = _PendingLoss(cfg, ctx.recorder)
+
+    def batch_of(step: int, micro: int) -> torch.Tensor:
+        return _to_device(batch_at(data, step, micro, cfg), device)
+
     try:
         with (interrupts.deferred() as stop_requested,
               frozen_linears_in(teacher, autocast_dtype(device)),
@@ -504,8 +536,8 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunCont
                 lr = opt.param_groups[0]["lr"]
                 if objective.on_step is not None:
                     objective.on_step(step)
-                loss = _optimizer_step(model, teacher, objective, opt, params, data, step,
-                                       cfg, device, amp)
+                loss = optimizer_step(model, teacher, objective, opt, params, batch_of, step,
+                                      cfg, amp)
                 sched.step()
                 pending.settle()  # the previous step's loss, while this one runs
                 # Dispatch plus the wait for the step before: over the run, the wall time.

@@ -129,7 +129,7 @@ def test_dispatching_a_step_never_waits_for_its_loss(store, tmp_path, monkeypatc
 
     import harness.train.trainer as trainer
 
-    real_step, inside = trainer._optimizer_step, []
+    real_step, inside = trainer.optimizer_step, []
 
     def watched(*args, **kwargs):
         inside.append(True)
@@ -147,7 +147,7 @@ def test_dispatching_a_step_never_waits_for_its_loss(store, tmp_path, monkeypatc
             f"a training step read a tensor on the host ({caller})"
         return real_item(t)
 
-    monkeypatch.setattr(trainer, "_optimizer_step", watched)
+    monkeypatch.setattr(trainer, "optimizer_step", watched)
     monkeypatch.setattr(torch.Tensor, "item", item)
     [out] = execute([_spec("qat")], store, tmp_path)
     assert out.status == "finished", out.error

@@ -113,7 +113,7 @@ def test_resumed_selection_keeps_the_best_weights_of_before_the_crash(tiny, tmp_
     trainer.train(unbroken, _ce(), cfg, _ctx(tmp_path / "a", _blocks(8, 0), _blocks(2, 1)),
                   progress=False)
 
-    real_step = trainer._optimizer_step
+    real_step = trainer.optimizer_step
 
     def crash_at_step_5(model, teacher, objective, opt, params, data, step, *rest):
         if step == 4:
@@ -121,12 +121,12 @@ def test_resumed_selection_keeps_the_best_weights_of_before_the_crash(tiny, tmp_
         return real_step(model, teacher, objective, opt, params, data, step, *rest)
 
     calls.clear()
-    monkeypatch.setattr(trainer, "_optimizer_step", crash_at_step_5)
+    monkeypatch.setattr(trainer, "optimizer_step", crash_at_step_5)
     broken = copy.deepcopy(tiny[0])
     ctx = _ctx(tmp_path / "b", _blocks(8, 0), _blocks(2, 1))
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.train(broken, _ce(), cfg, ctx, progress=False)
-    monkeypatch.setattr(trainer, "_optimizer_step", real_step)
+    monkeypatch.setattr(trainer, "optimizer_step", real_step)
     resumed = copy.deepcopy(tiny[0])
     ctx = _ctx(tmp_path / "b", _blocks(8, 0), _blocks(2, 1))
     out = trainer.train(resumed, _ce(), cfg, ctx, progress=False)
