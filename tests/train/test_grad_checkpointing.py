@@ -23,7 +23,7 @@ def test_checkpointed_training_equals_plain_and_keeps_the_run_key(tmp_path, monk
     monkeypatch.setattr(hf, "checkpoint", spy)
     losses, keys = {}, {}
     for flag in (False, True):
-        spec = _spec("qat", train={**TRAIN, "steps": 3, "grad_checkpointing": flag})
+        spec = _spec("qat", train={**TRAIN, "steps": 2, "grad_checkpointing": flag})
         keys[flag] = spec.run_key
         store = Store(f"sqlite:///{tmp_path / str(flag)}.db")
         [out] = execute([spec], store, tmp_path / str(flag), progress=False)
