@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
 from harness.paths import cache_dir
@@ -107,6 +110,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 _SPLIT_IDS: dict[tuple[str, str], torch.Tensor] = {}
+#: bump when :func:`tokenize` changes what it returns for the same tokenizer and text
+TOKENS_VERSION = 1
 
 
 def _tokenizer_key(tokenizer) -> str | None:
@@ -118,17 +123,44 @@ def _tokenizer_key(tokenizer) -> str | None:
     return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
+def tokens_cache_dir() -> Path:
+    return cache_dir() / "tokens"
+
+
+def _disk_ids(tokenizer, tokenizer_key: str, split: str) -> torch.Tensor:
+    """The split's ids from the token cache, tokenized and written there on a miss: every
+    process that trains reads the 1.4M-token training plays (4 s to tokenize on 2 cores;
+    Ray's workers and a sweep's runs are separate processes). Keyed by the tokenizer's
+    definition and the text itself, so another tokenizer or corpus never reads stale ids."""
+    text = split_text(split)
+    h = hashlib.sha256(f"v{TOKENS_VERSION}\0{tokenizer_key}\0".encode())
+    h.update(text.encode())
+    path = tokens_cache_dir() / f"{split}-{h.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))["ids"]
+        except (OSError, KeyError, SafetensorError):  # torn or foreign: tokenize again
+            pass
+    ids = tokenize(tokenizer, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers: no torn file
+    save_file({"ids": ids}, str(tmp))
+    tmp.replace(path)
+    return ids
+
+
 def split_ids(tokenizer, split: str) -> torch.Tensor:
-    """1-D token ids of ``split``, memoised per tokenizer definition and split: the training
-    plays take seconds to tokenize, and a process that runs several runs (a grid, the tests)
-    would tokenize them once per run. Callers must not modify the tensor in place."""
+    """1-D token ids of ``split``, memoised per tokenizer definition and split (in this
+    process, and on disk under :func:`tokens_cache_dir`): the training plays take seconds to
+    tokenize, and a process that runs several runs (a grid, the tests) would tokenize them once
+    per run. Callers must not modify the tensor in place."""
     key = _tokenizer_key(tokenizer)
     if key is None:
         return tokenize(tokenizer, split_text(split))
     if (key, split) not in _SPLIT_IDS:
         if len(_SPLIT_IDS) >= 8:  # a long-lived process that meets many tokenizers
             _SPLIT_IDS.pop(next(iter(_SPLIT_IDS)))
-        _SPLIT_IDS[(key, split)] = tokenize(tokenizer, split_text(split))
+        _SPLIT_IDS[(key, split)] = _disk_ids(tokenizer, key, split)
     return _SPLIT_IDS[(key, split)]
 
 

@@ -326,6 +326,34 @@ def _ray_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
                            f"or add nodes")
 
 
+def _trainer_class():
+    """Ray Train's TorchTrainer, less its placement-group cleaner on a cluster without a
+    dashboard. The cleaner asks Ray's state API (served by the dashboard) whether the
+    controller lives; without a dashboard each question hangs for 40 s, so every ``fit()``
+    ended by waiting the cleaner's 12 s stop timeout. The placement group needs no cleaner
+    there: it belongs to the controller, which belongs to this run's process."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray._private.worker import get_dashboard_url
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+        has_dashboard = bool(get_dashboard_url())
+    except (ImportError, AttributeError, RuntimeError):  # another Ray: keep its defaults
+        return TorchTrainer
+    if has_dashboard or not ray.is_initialized():
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainConfig,
                       ctx: RunContext, workers: int, use_gpu: bool = False,
                       ray_address: str | None = None) -> dict:
@@ -344,7 +372,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
                            f"--workers-per-run to resume it, or delete that folder")
     require_module("ray.train", "--workers-per-run")
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     trainable_for(model, cfg)
     data = ctx.train_batches(objective.data)
@@ -361,7 +389,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
               "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
               "spec_hash": ctx.spec.spec_hash(),
               "threads": 0 if use_gpu else max(1, (os.cpu_count() or 1) // workers)}
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _worker_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU" if use_gpu else "CPU": 1}),

@@ -38,7 +38,7 @@ def test_unknown_split():
         data.plays("dev")
 
 
-def test_split_ids_are_tokenized_once_per_tokenizer_definition(tiny, monkeypatch):
+def test_split_ids_are_tokenized_once_per_tokenizer_definition(tiny, monkeypatch, tmp_path):
     """Two loads of one tokenizer share the memo; a tokenizer with another vocabulary does not,
     and the blocks cut from the memo are copies, so a caller cannot corrupt it."""
     import copy
@@ -47,6 +47,7 @@ def test_split_ids_are_tokenized_once_per_tokenizer_definition(tiny, monkeypatch
 
     _, tok = tiny
     monkeypatch.setattr(data, "_SPLIT_IDS", {})
+    monkeypatch.setattr(data, "tokens_cache_dir", lambda: tmp_path)
     calls = []
     real = data.tokenize
     monkeypatch.setattr(data, "tokenize", lambda t, text: calls.append(t) or real(t, text))
@@ -61,3 +62,34 @@ def test_split_ids_are_tokenized_once_per_tokenizer_definition(tiny, monkeypatch
     other.add_tokens([AddedToken("Caesar", single_word=True)])  # tokenizes the play otherwise
     ids = data.split_ids(other, "calibration")
     assert len(calls) == 2 and ids.numel() != first.numel()
+
+
+def test_split_ids_are_read_back_from_the_token_cache(tiny, monkeypatch, tmp_path):
+    """Another process (an empty memo) reads the ids the first one wrote instead of tokenizing;
+    a torn file is tokenized again and replaced; another tokenizer writes its own file."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    _, tok = tiny
+    monkeypatch.setattr(data, "tokens_cache_dir", lambda: tmp_path)
+    calls = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda t, text: calls.append(t) or real(t, text))
+    monkeypatch.setattr(data, "_SPLIT_IDS", {})
+    first = data.split_ids(tok, "calibration")
+    [cached] = tmp_path.iterdir()
+    monkeypatch.setattr(data, "_SPLIT_IDS", {})  # a new process
+    again = data.split_ids(tok, "calibration")
+    assert len(calls) == 1 and again is not first and again.equal(first)
+
+    cached.write_bytes(cached.read_bytes()[:50])  # a write cut short
+    monkeypatch.setattr(data, "_SPLIT_IDS", {})
+    assert data.split_ids(tok, "calibration").equal(first) and len(calls) == 2
+    monkeypatch.setattr(data, "_SPLIT_IDS", {})
+    assert data.split_ids(tok, "calibration").equal(first) and len(calls) == 2  # mended
+
+    other = copy.deepcopy(tok)
+    other.add_tokens([AddedToken("Caesar", single_word=True)])
+    assert data.split_ids(other, "calibration").numel() != first.numel()
+    assert len(calls) == 3 and len(list(tmp_path.glob("calibration-*.safetensors"))) == 2

@@ -215,7 +215,9 @@ def batched_model(tfq) -> dict:
 
 
 def smollm2(tfq) -> dict:
-    """Real (bf16-born, so tie-prone) weights: first and last decoder block of SmolLM2."""
+    """Real (bf16-born, so tie-prone) weights: the first decoder block of SmolLM2. One block is
+    enough: an uncorrected ``x * (1/s)`` differs from the reference on 3-11 of its 3.5M weights
+    per integer format (and on 2-11 in the last block alone)."""
     from harness.models import load_model
     from harness.quant import decoder_linear_names
     from harness.quant.formats import fake_quantize
@@ -226,7 +228,7 @@ def smollm2(tfq) -> dict:
     for fmt, bits, group, sym in (("int", 2, 64, False), ("int", 3, 64, False),
                                   ("nf3", 3, 64, False), ("int", 3, 32, True)):
         n = bad = 0
-        for name in names[:7] + names[-7:]:
+        for name in names[:7]:
             w = model.get_submodule(name).weight.detach()
             k = tfq.fake_quantize_triton(w, fmt, bits, group, sym, False, torch.float16)
             r = fake_quantize(w, fmt, bits, group, sym, scale_dtype=torch.float16, fused=False)

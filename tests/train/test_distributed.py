@@ -84,6 +84,33 @@ def test_settings_that_workers_cannot_reproduce_are_refused(cfg, workers, words)
         check_distributable(cfg, workers)
 
 
+def test_trainer_drops_the_placement_group_cleaner_only_without_a_dashboard(monkeypatch):
+    """Without a dashboard the cleaner's state-API questions hang, and each fit() waited 12 s
+    for it to stop; with one it stays."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train")
+    from ray._private import worker
+    from ray.train import ScalingConfig
+
+    from harness.ray_cluster import init_ray
+    from harness.train.distributed import _trainer_class
+
+    def callbacks() -> set[str]:
+        trainer = _trainer_class()(lambda config: None,
+                                   scaling_config=ScalingConfig(num_workers=1))
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    assert init_ray(None)  # a local instance: no dashboard
+    try:
+        without = callbacks()
+        assert "PlacementGroupCleanerCallback" not in without
+        assert "BackendSetupCallback" in without  # the rest is Ray Train's own
+        monkeypatch.setattr(worker, "get_dashboard_url", lambda: "127.0.0.1:8265")
+        assert "PlacementGroupCleanerCallback" in callbacks()
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--set", "train.batch_size=3", "--workers-per-run", "2"], "does not split over 2 workers"),
     (["--workers-per-run", "0"], "expected 1 or more workers"),
