@@ -122,7 +122,11 @@ EVAL_KEYS_SINCE_V1 = {"ppl_data": ["shakespeare"], "num_fewshot": None, "allow_c
 
 #: Training settings that change when a run logs and checkpoints, never what it computes.
 # grad_checkpointing recomputes activations in the backward: the same gradients, less memory
-WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every", "grad_checkpointing")
+WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every", "grad_checkpointing",
+                         "micro_batch")
+#: Training settings added after runs were stored, at their defaults: left out of the dump, so
+#: every earlier run keeps its key.
+TRAIN_KEYS_SINCE_V1 = {"micro_batch": None}
 
 
 class RunSpec(BaseModel):
@@ -154,6 +158,10 @@ class RunSpec(BaseModel):
         for key, default in EVAL_KEYS_SINCE_V1.items():
             if data["eval"].get(key) == default:
                 del data["eval"][key]
+        train = data["config"].get("train")
+        for key, default in TRAIN_KEYS_SINCE_V1.items():
+            if isinstance(train, dict) and key in train and train[key] == default:
+                del train[key]
         return data
 
     def canonical_json(self) -> str:
@@ -177,7 +185,9 @@ class RunSpec(BaseModel):
             from harness.train.config import TrainConfig
 
             for key in WRITE_ONLY_TRAIN_KEYS:
-                if key in train:
+                if key in TRAIN_KEYS_SINCE_V1:
+                    train.pop(key, None)
+                elif key in train:
                     train[key] = TrainConfig.model_fields[key].default
         return hashlib.sha256(_canonical(data).encode()).hexdigest()
 

@@ -215,13 +215,19 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
         ckpt = train.get("grad_checkpointing", False) if grad_checkpointing is None \
             else grad_checkpointing
-        # the configured batch is the global one: each worker's micro-batch is its share
-        tokens = math.ceil(int(train["batch_size"]) / w) * int(train["seq_len"])
+        # the configured batch is the global one: each worker's micro-batch is its share,
+        # taken in pieces of at most train.micro_batch sequences
+        rows = math.ceil(int(train["batch_size"]) / w)
+        if train.get("micro_batch"):
+            rows = math.ceil(rows / math.ceil(rows / int(train["micro_batch"])))
+        tokens = rows * int(train["seq_len"])
         c["weights"] = math.ceil(full / w)  # training alone is sharded
         if w > 1 and not gpu:
-            # each worker receives the whole prepared model before sharding it, and the
-            # process keeps the heap it frees (on a GPU the shards alone reach the device)
-            c["weights"] += full
+            # each worker receives the whole prepared model before sharding it: the object
+            # store's pages it read stay mapped (shared memory, in its RSS) and the unpickled
+            # copy stays in the heap it keeps (measured: a 512 MiB payload raised a worker's
+            # RssShmem by 512 MiB and RssAnon by 649 MiB). On a GPU the shards alone reach it.
+            c["weights"] += 2 * full
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
@@ -372,21 +378,18 @@ def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_byt
             opts.append("more workers (not enough even at 64)")
         est = estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
         opts.append(f"--set train.grad_checkpointing=true ({_gib(est.total)} GiB)")
-        bs, ga = int(train["batch_size"]), int(train["grad_accum"])
-        for b in range(bs - 1, 0, -1):
-            if b % workers:  # each worker takes an equal share of a micro-batch
-                continue
-            cfg = {**spec.config, "train": {**train, "batch_size": b}}
+        share = math.ceil(int(train["batch_size"]) / workers)
+        for m in range(min(share, int(train.get("micro_batch") or share)) - 1, 0, -1):
+            cfg = {**spec.config, "train": {**train, "micro_batch": m}}
             small = spec.model_copy(update={"config": cfg})
             est = estimate_spec(small, shape, device_type, workers)
             if est.total <= device_bytes:
-                ga_new = max(1, bs * ga // b)
-                opts.append(f"a smaller micro-batch (--set train.batch_size={b} --set "
-                            f"train.grad_accum={ga_new}: {_gib(est.total)} GiB)")
+                opts.append(f"smaller pieces of each micro-batch, the same result (--set "
+                            f"train.micro_batch={m}: {_gib(est.total)} GiB)")
                 break
         else:
-            opts.append("a smaller micro-batch via train.batch_size/train.grad_accum "
-                        "(not enough even at batch_size=1)")
+            opts.append("smaller pieces of each micro-batch via train.micro_batch (not enough "
+                        "even at 1 sequence)")
     else:
         opts.append("a shorter evaluation window (--seq-len)")
     return "; ".join(opts)

@@ -39,6 +39,11 @@ class TrainConfig(BaseModel):
     grad_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward instead "
         "of keeping them (long sequences, big models); same result, not part of the run key")
+    micro_batch: int | None = Field(
+        None, ge=1, description="most sequences one forward/backward takes (on each worker): "
+        "a larger share of a micro-batch is taken in pieces and their gradients accumulated, "
+        "each piece weighted by its sequences; same result up to summation order, less "
+        "activation memory, not part of the run key. Unset: the whole share at once")
     teacher_samples: int = Field(64, ge=1, description="teacher-generated sequences")
     teacher_new_tokens: int = Field(256, ge=1, description="tokens generated per sequence")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature")

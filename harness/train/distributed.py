@@ -10,9 +10,10 @@ parameters back to the run folder; the driver loads them, records the training c
 finalizes and evaluates the gathered model as a single-process run would.
 
 What does not depend on the worker count: the configured ``batch_size x grad_accum`` is the
-global batch; every micro-batch is split evenly (rows ``rank::N``), each worker's loss is the
-mean over its rows and FSDP averages the gradients, so the step equals the single-process
-step up to summation order. The run key does not contain N (``train_workers`` is a metric).
+global batch; every micro-batch is split over the workers (rows ``rank::N``, shares differing
+by one row at most), each worker's loss is weighted by its rows and FSDP averages the
+gradients, so the step equals the single-process step up to summation order. A share larger
+than ``train.micro_batch`` is taken in pieces with accumulated gradients. The run key does not contain N (``train_workers`` is a metric).
 
 The held-out selection (``train.holdout``, ``train.select_best``) runs on the workers: each
 evaluates its rows of every held-out batch, the losses are all-reduced, and the best step's
@@ -66,15 +67,15 @@ def check_distributable(cfg: TrainConfig, workers: int) -> None:
     """Refuses, in one line with the fix, training settings N workers cannot reproduce.
 
     Raises:
-        HarnessError: the micro-batch does not split evenly.
+        HarnessError: no worker count, or a micro-batch that leaves a worker without rows.
     """
     if workers < 1:
         raise HarnessError(f"--workers-per-run {workers}: expected 1 or more workers")
-    if cfg.batch_size % workers:
+    if cfg.batch_size < workers:
         raise HarnessError(
-            f"train.batch_size={cfg.batch_size} does not split over {workers} workers; set a "
-            f"batch size divisible by {workers} (and raise train.grad_accum to keep the "
-            f"global batch) or use another --workers-per-run")
+            f"train.batch_size={cfg.batch_size} leaves some of {workers} workers without a "
+            f"sequence; set train.batch_size to {workers} or more (lower train.grad_accum to "
+            f"keep the global batch) or use fewer workers")
 
 
 def worker_share(data: torch.Tensor, step: int, micro: int, cfg: TrainConfig, rank: int,
@@ -279,7 +280,7 @@ def _worker_loop(config: dict) -> None:
             if objective.on_step is not None:
                 objective.on_step(step)
             total = optimizer_step(model, teacher, objective, opt, params, batch_of, step,
-                                   cfg, amp)
+                                   cfg, amp, workers)
             sched.step()
             dist.all_reduce(total)  # gloo has no AVG: the sum over equal shares, / N
             value = float(total) / workers

@@ -410,20 +410,40 @@ def _to_device(ids: torch.Tensor, device) -> torch.Tensor:
     return ids.to(device)
 
 
+def pieces_per_share(cfg: TrainConfig, workers: int = 1) -> int:
+    """Pieces each worker takes its share of a micro-batch in (``train.micro_batch``): the same
+    count on every worker, sized by the largest share, so FSDP's collectives stay in step."""
+    share = -(-cfg.batch_size // workers)
+    return 1 if cfg.micro_batch is None else -(-share // cfg.micro_batch)
+
+
 def optimizer_step(model, teacher, objective: Objective, opt, params, batch_of, step: int,
-                   cfg: TrainConfig, amp) -> torch.Tensor:
+                   cfg: TrainConfig, amp, workers: int = 1) -> torch.Tensor:
     """Dispatches one optimizer step over ``cfg.grad_accum`` micro-batches, ``batch_of(step,
-    micro)`` giving each on the device; returns the step's mean loss as a 0-d tensor without
-    waiting for it (the caller reads it, and checks it is finite, while the next step runs:
-    see :class:`_PendingLoss`)."""
+    micro)`` giving this process's rows of each on the device (the whole micro-batch, or its
+    share on one of ``workers``); returns the step's mean loss (x ``workers``: the caller
+    all-reduces and divides) as a 0-d tensor without waiting for it (the caller reads it, and
+    checks it is finite, while the next step runs: see :class:`_PendingLoss`).
+
+    A share is taken in :func:`pieces_per_share` pieces, their gradients accumulated; each
+    piece's loss is weighted by its rows x ``workers`` / ``batch_size`` (FSDP averages the
+    workers' gradients), so the step is the global batch's mean however it was split. A piece
+    left empty (a share shorter than the pieces) runs a forward weighted 0 on one row."""
     opt.zero_grad(set_to_none=True)
+    pieces = pieces_per_share(cfg, workers)
     total = None
     for micro in range(cfg.grad_accum):
         ids = batch_of(step, micro)
-        loss = batch_loss(model, teacher, objective, ids, amp)
-        (loss / cfg.grad_accum).backward()
-        part = loss.detach().float() / cfg.grad_accum
-        total = part if total is None else total + part
+        for piece in (torch.tensor_split(ids, pieces) if pieces > 1 else (ids,)):
+            rows = piece.size(0)
+            loss = batch_loss(model, teacher, objective, piece if rows else ids[:1], amp)
+            part = loss.detach().float()
+            if rows * workers != cfg.batch_size:  # else the plain mean, unchanged bit for bit
+                weight = rows * workers / cfg.batch_size
+                loss, part = loss * weight, part * weight
+            (loss / cfg.grad_accum).backward()
+            part = part / cfg.grad_accum
+            total = part if total is None else total + part
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()

@@ -68,7 +68,7 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    for option in ("more workers", "checkpointing", "train.batch_size"):
+    for option in ("more workers", "checkpointing", "train.micro_batch"):
         assert option in err
     assert not db.exists()
 
@@ -121,6 +121,19 @@ def test_activations_checkpointing_keeps_one_residual_per_layer():
     ckpt = estimate(shape, "qat", config, eval_seq_len=64, grad_checkpointing=True)
     assert ckpt.components["activations"] < full.components["activations"]
     assert ckpt.components["activations"] == 4 * 64 * 64 * 4 + full.components["activations"] // 4
+
+
+def test_pieces_of_a_share_hold_the_activations_of_their_rows_only():
+    shape = ModelShape(vocab=100, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16,
+                       intermediate=128, tied=True)
+    train = {"batch_size": 6, "seq_len": 32, "trainable": "non_embedding"}
+    whole = estimate(shape, "qat", {"train": train}, eval_seq_len=64, workers=2)
+    pieces = estimate(shape, "qat", {"train": {**train, "micro_batch": 2}}, eval_seq_len=64,
+                      workers=2)
+    # 3 rows per worker in pieces of 2: 2 pieces of at most 2 rows
+    assert pieces.components["logits"] * 3 == whole.components["logits"] * 2
+    assert pieces.components["activations"] < whole.components["activations"]
+    assert pieces.components["adamw"] == whole.components["adamw"]
 
 
 @pytest.mark.parametrize("method, config", [

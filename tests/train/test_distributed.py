@@ -31,10 +31,13 @@ STEPS = 4
 ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--no-fp", "--tasks", "",
         "--max-eval-tokens", "256", "--seq-len", "128", "--set", f"train.steps={STEPS}",
         "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
-        "--set", "train.batch_size=2", "--set", "data=corpus", "--set", "calib_samples=2",
+        "--set", "train.batch_size=3", "--set", "data=corpus", "--set", "calib_samples=2",
         "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2",
-        "--set", "train.holdout=0.25", "--set", "train.select_best=true",
+        "--set", "train.holdout=0.1", "--set", "train.select_best=true",
         "--set", "train.eval_every=2"]  # the held-out selection's state crosses the resume
+# on the workers: 3 sequences over 2 workers in pieces of 1 (rank 1 runs an empty piece,
+# weighted 0); the one held-out sequence leaves rank 1 without held-out rows
+PIECES = ["--set", "train.micro_batch=1"]
 
 # Ray starts the workers from this interpreter's environment: PYTHONPATH puts this module first,
 # and it makes rank 1 SIGKILL itself when it takes the batch of FAULT_KILL_AT_STEP (0-based).
@@ -76,7 +79,7 @@ def test_worker_shares_partition_each_micro_batch():
 
 
 @pytest.mark.parametrize("cfg, workers, words", [
-    (TrainConfig(batch_size=4), 3, "does not split over 3 workers"),
+    (TrainConfig(batch_size=2), 3, "leaves some of 3 workers without a sequence"),
     (TrainConfig(), 0, "expected 1 or more"),
 ])
 def test_settings_that_workers_cannot_reproduce_are_refused(cfg, workers, words):
@@ -112,7 +115,7 @@ def test_trainer_drops_the_placement_group_cleaner_only_without_a_dashboard(monk
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--set", "train.batch_size=3", "--workers-per-run", "2"], "does not split over 2 workers"),
+    (["--set", "train.batch_size=1", "--workers-per-run", "2"], "without a sequence"),
     (["--workers-per-run", "0"], "expected 1 or more workers"),
     (["--gpus-per-run", "2.5"], "above 1 a run spans whole GPUs"),
     (["--gpus-per-run", "2", "--workers-per-run", "4"], "disagree"),
@@ -210,7 +213,8 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     code, _, err = cli(*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
                        tmp_path / "plain")  # in this process: no Ray, no fault hook
     assert code == 0, err[-3000:]
-    argv = [*ARGS, "--db", f"sqlite:///{dist_db}", "--output-dir", str(tmp_path / "dist")]
+    argv = [*ARGS, *PIECES, "--db", f"sqlite:///{dist_db}", "--output-dir",
+            str(tmp_path / "dist")]
     remote = ["--ray-address", two_nodes]
 
     killed = _harness([*argv, *remote, "--workers-per-run", "2"], tmp_path)
@@ -242,3 +246,38 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
         assert metrics[name] == pytest.approx(ref[name], rel=1e-3)
     assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
     assert 100 < metrics["peak_rss_mb_train_worker"] < 20_000  # the worker's, in MB
+
+
+def _step_grads(model, cfg: TrainConfig, data: torch.Tensor, rank: int, workers: int) -> tuple:
+    """One optimizer_step of ``rank``'s share with a no-op optimizer: (loss, gradients)."""
+    from contextlib import nullcontext
+
+    from harness.api import Objective
+    from harness.train.losses import get_loss
+    from harness.train.trainer import optimizer_step
+
+    ce = get_loss("ce")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    loss = optimizer_step(model, None, Objective(loss=lambda inputs: ce(inputs)), opt, params,
+                          lambda s, m: worker_share(data, s, m, cfg, rank, workers), 0,
+                          cfg.model_copy(update={"grad_clip": None}), nullcontext(), workers)
+    return float(loss), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("batch, workers, micro", [(4, 1, 3), (5, 2, None), (5, 2, 1),
+                                                   (3, 2, 1)])
+def test_uneven_shares_and_pieces_give_the_global_batch_step(tiny_copy, batch, workers, micro):
+    """Each worker's share (uneven where batch % workers, in pieces of train.micro_batch; a
+    piece left empty weighted 0) weighted by its rows, the workers' gradients averaged as FSDP
+    does and their losses summed / N: the single-process step of the whole micro-batch."""
+    model, _ = tiny_copy
+    data = torch.randint(0, 500, (12, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=batch, seq_len=16, grad_accum=2)
+    ref_loss, ref_grads = _step_grads(model, cfg, data, 0, 1)
+    split = cfg.model_copy(update={"micro_batch": micro})
+    results = [_step_grads(model, split, data, r, workers) for r in range(workers)]
+    assert sum(loss for loss, _ in results) / workers == pytest.approx(ref_loss, rel=1e-5)
+    for i, ref in enumerate(ref_grads):
+        mean = sum(grads[i] for _, grads in results) / workers
+        torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-6)
