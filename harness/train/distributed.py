@@ -282,7 +282,7 @@ def _worker_loop(config: dict) -> None:
             total = optimizer_step(model, teacher, objective, opt, params, batch_of, step,
                                    cfg, amp, workers)
             sched.step()
-            dist.all_reduce(total)  # gloo has no AVG: the sum over equal shares, / N
+            dist.all_reduce(total)  # gloo has no AVG: each share weighted x N, summed, / N
             value = float(total) / workers
             check_step_loss(value, step + 1, cfg)
             seconds = time.perf_counter() - t0
