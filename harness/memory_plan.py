@@ -224,10 +224,11 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         c["weights"] = math.ceil(full / w)  # training alone is sharded
         if w > 1 and not gpu:
             # each worker receives the whole prepared model before sharding it: the object
-            # store's pages it read stay mapped (shared memory, in its RSS) and the unpickled
-            # copy stays in the heap it keeps (measured: a 512 MiB payload raised a worker's
-            # RssShmem by 512 MiB and RssAnon by 649 MiB). On a GPU the shards alone reach it.
-            c["weights"] += 2 * full
+            # store's pages it read stay mapped (shared memory, in its RSS), and unpickling
+            # leaves about two copies in its heap (measured: SmolLM2's 515 MiB of weights raised
+            # a worker's RssShmem by 513 MiB and RssAnon by 979 MiB, which sharding did not
+            # give back). On a GPU the shards alone reach the device.
+            c["weights"] += 3 * full
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
@@ -280,9 +281,13 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         # reuses the block of the latent weight it replaced (the caching allocator), on the
         # CPU the freed latents stay in the process's heap (measured: docs/RESULTS.md)
         c["eval"] += shape.linear_params * 4
-    before = max(phases.values(), default=0)
+    # the run's own process evaluates; with workers it did not train (the workers did)
+    before = max((v for k, v in phases.items() if not (k == "train" and w > 1)), default=0)
     phases["eval"] = full + c["teacher"] + c["eval"]
     if not gpu:
+        if train is not None and w > 1:
+            # it put the prepared model into the object store: those pages are in its RSS
+            phases["eval"] += full
         # harness.host_memory keeps the heap a process frees (for speed), and evaluation's
         # buffers land on top of what the earlier phases left: measured, a trained SmolLM2
         # run's RSS rose by about the eval term after training (docs/RESULTS.md)

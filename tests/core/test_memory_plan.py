@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -121,6 +122,22 @@ def test_activations_checkpointing_keeps_one_residual_per_layer():
     ckpt = estimate(shape, "qat", config, eval_seq_len=64, grad_checkpointing=True)
     assert ckpt.components["activations"] < full.components["activations"]
     assert ckpt.components["activations"] == 4 * 64 * 64 * 4 + full.components["activations"] // 4
+
+
+def test_with_workers_the_runs_own_process_is_planned_without_their_training():
+    """The run's process evaluates on top of what it did itself (prepare, the object-store copy
+    of the model it put), not of the workers' training; a worker holds its shard plus the
+    received model (object-store pages + the unpickled copies) on the CPU."""
+    shape = ModelShape(vocab=100, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16,
+                       intermediate=128, tied=True)
+    small = {"train": {"batch_size": 2, "seq_len": 32, "trainable": "non_embedding"}}
+    big = {"train": {**small["train"], "batch_size": 64}}
+    one = [estimate(shape, "qat", c, eval_seq_len=64) for c in (small, big)]
+    two = [estimate(shape, "qat", c, eval_seq_len=64, workers=2) for c in (small, big)]
+    assert one[1].phases["eval"] > one[0].phases["eval"]  # one process: eval after training
+    assert two[1].phases["eval"] == two[0].phases["eval"]  # workers: not in this process
+    full = shape.params * 4
+    assert two[0].components["weights"] == math.ceil(full / 2) + 3 * full
 
 
 def test_pieces_of_a_share_hold_the_activations_of_their_rows_only():
