@@ -353,18 +353,23 @@ COLUMNS = ("run", "method", "workers", "weights", "grads", "adamw", "teacher", "
            "device", "fits")
 
 
-def plan_table(rows: list[tuple[Any, Estimate]], device_bytes: int) -> str:
+def plan_table(rows: list[tuple[Any, Estimate, Estimate | None]], device_bytes: int) -> str:
+    """One line per run: its components, its peak, and (training runs) the activations and the
+    peak with activation checkpointing (``train.grad_checkpointing=true``)."""
     from harness.report import table
 
     out = []
-    for spec, est in rows:
+    for spec, est, ckpt in rows:
         c = est.components
         out.append([spec.run_key, spec.method, est.workers,
                     *(_gib(c[k]) for k in COLUMNS[3:14]),
-                    f"{_gib(est.total)} ({est.phase})", _gib(device_bytes),
-                    "yes" if est.total <= device_bytes else "NO"])
+                    f"{_gib(est.total)} ({est.phase})",
+                    "-" if ckpt is None else _gib(ckpt.components["activations"]),
+                    "-" if ckpt is None else f"{_gib(ckpt.total)} ({ckpt.phase})",
+                    _gib(device_bytes), "yes" if est.total <= device_bytes else "NO"])
     return table(list(COLUMNS[:3]) + [f"{k} GiB" for k in COLUMNS[3:14]]
-                 + ["peak GiB (phase)", "device GiB", "fits"], out)
+                 + ["peak GiB (phase)", "activations ckpt GiB", "peak ckpt GiB (phase)",
+                    "device GiB", "fits"], out)
 
 
 def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_bytes: int) -> str:
@@ -416,8 +421,11 @@ def dry_run(specs, device: str | None, device_mem_gib: float | None, workers: in
     for spec in specs:
         if spec.model not in shapes:
             shapes[spec.model] = model_shape(spec.model)
-        rows.append((spec, estimate_spec(spec, shapes[spec.model], device_type, workers)))
-    too_big = [(s, e) for s, e in rows if e.total > device_bytes]
+        shape = shapes[spec.model]
+        ckpt = None if _train_of(spec.config) is None else \
+            estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
+        rows.append((spec, estimate_spec(spec, shape, device_type, workers), ckpt))
+    too_big = [(s, e) for s, e, _ in rows if e.total > device_bytes]
     # name a training run first when there is one: it has every option
     too_big.sort(key=lambda se: _train_of(se[0].config) is None)
     if too_big:

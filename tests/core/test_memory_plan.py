@@ -60,6 +60,15 @@ def test_dry_run_prints_a_table_and_stores_nothing(tmp_path, capsys):
     assert "peak GiB (phase)" in out and "fits" in out
     assert len(re.findall(r"\b(fp|rtn|qat)\b .* yes\s*$", out, re.M)) == 3
     assert not db.exists() and not (tmp_path / "runs").exists()
+    # training runs also show the activations and the peak with activation checkpointing
+    assert "activations ckpt GiB" in out and "peak ckpt GiB (phase)" in out
+    assert main(["run", "--model", "smollm2-135m", "--methods", "rtn,qat", "--bits", "3",
+                 "--dry-run", "--db", f"sqlite:///{db}"]) == 0
+    out = capsys.readouterr().out
+    [qat] = [line.split() for line in out.splitlines() if re.search(r"\bqat\b", line)]
+    [rtn] = [line.split() for line in out.splitlines() if re.search(r"\brtn\b", line)]
+    acts, acts_ckpt = float(qat[8]), float(qat[-5])  # ... ckpt acts, ckpt peak (phase)
+    assert acts_ckpt < acts and rtn[-4] == rtn[-3] == "-"
 
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path, capsys):
