@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print each planned run's estimated peak memory per device and whether "
                         "it fits, from the model's config only; loads, runs and stores nothing")
     p.add_argument("--device-mem", type=float, default=None, metavar="GB",
-                   help="with --dry-run: memory of one device in GiB (default: the GPU's total, "
-                        "else this machine's RAM)")
+                   help="memory of one device in GiB (default: the GPU's total, else this "
+                        "machine's RAM): --dry-run plans against it, and a run takes each "
+                        "micro-batch share that does not fit it in pieces (train.micro_batch)")
     _add_db(p)
 
     p = sub.add_parser("methods", help="list registered methods and their config fields")

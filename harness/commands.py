@@ -26,11 +26,12 @@ def cmd_run(args) -> int:
     scheduler = experiment.scheduler
     if getattr(args, "dry_run", False):
         return _dry_run(args, experiment, specs)
-    if getattr(args, "device_mem", None) is not None:
-        raise HarnessError("--device-mem only applies with --dry-run; add --dry-run or drop it")
+    _check_device_mem(args)
     _check_scheduler_flags(args, scheduler, distributed=bool(experiment.train_workers))
     if experiment.train_workers:
         _check_distributable(specs, experiment.train_workers)
+    if scheduler != "ray":  # runs train in this process, or from it: plan for its device
+        specs = _fit_pieces(specs, args, experiment.train_workers or 1)
     if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
         _check_task_data(specs)
         from harness.eval.ppl_data import check_available
@@ -86,13 +87,45 @@ def _check_distributable(specs, workers: int) -> None:
             check_distributable(train, workers)
 
 
+def _check_device_mem(args) -> None:
+    mem = getattr(args, "device_mem", None)
+    if mem is not None and mem <= 0:
+        raise HarnessError(f"--device-mem {mem:g}: expected a positive size in GiB")
+
+
+def _fit_pieces(specs, args, workers: int) -> list:
+    """Training runs whose share of a micro-batch does not fit the device take it in pieces
+    (``train.micro_batch``, not in the run key: the same result); each one is announced."""
+    from harness.memory_plan import device_memory, fit_pieces, model_shape
+
+    device_type, device_bytes, source = device_memory(args.device,
+                                                      getattr(args, "device_mem", None))
+    shapes, out = {}, []
+    for spec in specs:
+        if spec.model not in shapes:
+            try:
+                shapes[spec.model] = model_shape(spec.model)
+            except HarnessError:  # no config to plan from: loading will say what is missing
+                shapes[spec.model] = None
+        if shapes[spec.model] is None:
+            out.append(spec)
+            continue
+        fitted, m = fit_pieces(spec, shapes[spec.model], device_type, workers, device_bytes)
+        if m is not None:
+            print(f"run {spec.run_key} ({spec.method}): its share of each micro-batch does not "
+                  f"fit {device_type} ({device_bytes / 2**30:.2f} GiB, {source}); training "
+                  f"takes it in pieces of {m} sequence(s) (train.micro_batch={m}, the same "
+                  f"result)")
+        out.append(fitted)
+    return out
+
+
 def _dry_run(args, experiment, specs) -> int:
     """``harness run --dry-run``: each run's estimated peak memory per device, nothing loaded,
     run or stored; a run that cannot fit is an error naming the options (exit 2)."""
     from harness.memory_plan import dry_run
 
-    if args.device_mem is not None and args.device_mem <= 0:
-        raise HarnessError(f"--device-mem {args.device_mem:g}: expected a positive size in GiB")
+    _check_device_mem(args)
     print(dry_run(specs, args.device, args.device_mem, workers=experiment.train_workers or 1))
     return 0
 

@@ -344,6 +344,30 @@ def device_memory(device: str | None, given_gib: float | None) -> tuple[str, int
     raise RuntimeError("cannot tell this machine's memory; pass --device-mem GB")
 
 
+def fit_pieces(spec, shape: ModelShape, device_type: str, workers: int,
+               device_bytes: int) -> tuple[Any, int | None]:
+    """``(spec, m)``: where ``spec`` trains, sets no ``train.micro_batch`` and its whole share
+    of a micro-batch does not fit ``device_bytes``, the spec with the largest piece size ``m``
+    that does (the same result: pieces accumulate their gradients); else ``(spec, None)``."""
+    train = _train_of(spec.config)
+    if train is None or train.get("micro_batch"):
+        return spec, None
+    if estimate_spec(spec, shape, device_type, workers).total <= device_bytes:
+        return spec, None
+    for m in piece_sizes(math.ceil(int(train["batch_size"]) / workers)):
+        cfg = {**spec.config, "train": {**train, "micro_batch": m}}
+        pieces = spec.model_copy(update={"config": cfg})
+        if estimate_spec(pieces, shape, device_type, workers).total <= device_bytes:
+            return pieces, m
+    return spec, None
+
+
+def piece_sizes(share: int) -> list[int]:
+    """The distinct sizes of the pieces a share of ``share`` sequences can be taken in, largest
+    first, below the whole share (2 pieces, 3 pieces, ...: 8 -> 4, 3, 2, 1)."""
+    return sorted({math.ceil(share / k) for k in range(2, share + 1)}, reverse=True)
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:,.2f}"
 
@@ -389,7 +413,8 @@ def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_byt
         est = estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
         opts.append(f"--set train.grad_checkpointing=true ({_gib(est.total)} GiB)")
         share = math.ceil(int(train["batch_size"]) / workers)
-        for m in range(min(share, int(train.get("micro_batch") or share)) - 1, 0, -1):
+        now = min(share, int(train.get("micro_batch") or share))
+        for m in (m for m in piece_sizes(share) if m < now):
             cfg = {**spec.config, "train": {**train, "micro_batch": m}}
             small = spec.model_copy(update={"config": cfg})
             est = estimate_spec(small, shape, device_type, workers)

@@ -200,3 +200,32 @@ def test_saved_bytes_per_weight_are_what_a_layer_keeps_for_backward(tiny_copy, t
     per_weight = sum(storages.values()) / (layer.in_features * layer.out_features)
     del y
     assert per_weight == pytest.approx(SAVED_BYTES_PER_WEIGHT[m.config.fmt], rel=0.05)
+
+
+def test_a_share_that_does_not_fit_is_trained_in_pieces_with_the_same_result(tmp_path, cli):
+    """Planned whole, the share needs about 2.6 GiB, in pieces of 1 sequence 1.6: with 2 GiB
+    the run takes the largest pieces that fit, announces them, keeps its run key, and trains
+    what the run without pieces trains."""
+    import sqlite3
+
+    args = ["run", "--methods", "qat", "--model", "tiny-llama", "--no-fp", "--tasks", "",
+            "--max-eval-tokens", "128", "--seq-len", "128", "--set", "train.steps=1",
+            "--set", "train.batch_size=8", "--set", "train.seq_len=256", "--set", "data=corpus",
+            "--set", "calib_samples=2", "--set", "calib_seq_len=32", "--set", "clip_tokens=32",
+            "--set", "clip_grid=2"]
+    losses = []
+    for name, extra in (("whole", []), ("pieces", ["--device-mem", "2"])):
+        db = tmp_path / f"{name}.db"
+        code, out, err = cli(*args, *extra, "--db", f"sqlite:///{db}", "--output-dir",
+                             tmp_path / name)
+        assert code == 0, err[-2000:]
+        con = sqlite3.connect(db)
+        [(key, spec)] = con.execute("SELECT run_key, spec FROM runs").fetchall()
+        [(loss,)] = con.execute("SELECT loss FROM train_steps").fetchall()
+        con.close()
+        losses.append((key, json.loads(spec)["config"]["train"].get("micro_batch"), loss, out))
+    (key0, pieces0, loss0, out0), (key1, pieces1, loss1, out1) = losses
+    assert pieces0 is None and "pieces" not in out0
+    assert pieces1 in (4, 3, 2, 1), out1  # real piece sizes of 8 sequences
+    assert f"train.micro_batch={pieces1}" in out1 and key1 == key0
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
