@@ -30,10 +30,9 @@ def cmd_run(args) -> int:
     _check_scheduler_flags(args, scheduler, distributed=bool(experiment.train_workers))
     if experiment.train_workers:
         _check_distributable(specs, experiment.train_workers)
-    if scheduler != "ray":  # runs train in this process, or from it: plan for its device
+    if scheduler != "ray":  # runs start from this process: plan them for its device
         specs = _fit_pieces(specs, args, experiment.train_workers or 1)
-    if scheduler != "ray":  # a Ray worker's dataset cache may be another machine's
-        _check_task_data(specs)
+        _check_task_data(specs)  # a Ray worker's dataset cache may be another machine's
         from harness.eval.ppl_data import check_available
 
         check_available(sorted({e for spec in specs for e in spec.eval.ppl_data}))
@@ -96,28 +95,12 @@ def _check_device_mem(args) -> None:
 def _fit_pieces(specs, args, workers: int) -> list:
     """Training runs whose share of a micro-batch does not fit the device take it in pieces
     (``train.micro_batch``, not in the run key: the same result); each one is announced."""
-    from harness.memory_plan import device_memory, fit_pieces, model_shape
+    from harness.memory_plan import fit_pieces
 
-    device_type, device_bytes, source = device_memory(args.device,
-                                                      getattr(args, "device_mem", None))
-    shapes, out = {}, []
-    for spec in specs:
-        if spec.model not in shapes:
-            try:
-                shapes[spec.model] = model_shape(spec.model)
-            except HarnessError:  # no config to plan from: loading will say what is missing
-                shapes[spec.model] = None
-        if shapes[spec.model] is None:
-            out.append(spec)
-            continue
-        fitted, m = fit_pieces(spec, shapes[spec.model], device_type, workers, device_bytes)
-        if m is not None:
-            print(f"run {spec.run_key} ({spec.method}): its share of each micro-batch does not "
-                  f"fit {device_type} ({device_bytes / 2**30:.2f} GiB, {source}); training "
-                  f"takes it in pieces of {m} sequence(s) (train.micro_batch={m}, the same "
-                  f"result)")
-        out.append(fitted)
-    return out
+    specs, notes = fit_pieces(specs, args.device, getattr(args, "device_mem", None), workers)
+    for note in notes:
+        print(note)
+    return specs
 
 
 def _dry_run(args, experiment, specs) -> int:

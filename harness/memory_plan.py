@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.train.config import share_pieces
+
 GiB = 1 << 30
 
 #: Process memory that is no tensor of the run on the CPU: the Python/torch/transformers/
@@ -217,10 +219,9 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
             else grad_checkpointing
         # the configured batch is the global one: each worker's micro-batch is its share,
         # taken in pieces of at most train.micro_batch sequences
-        rows = math.ceil(int(train["batch_size"]) / w)
-        if train.get("micro_batch"):
-            rows = math.ceil(rows / math.ceil(rows / int(train["micro_batch"])))
-        tokens = rows * int(train["seq_len"])
+        share = math.ceil(int(train["batch_size"]) / w)
+        tokens = math.ceil(share / share_pieces(share, train.get("micro_batch"))) \
+            * int(train["seq_len"])
         c["weights"] = math.ceil(full / w)  # training alone is sharded
         if w > 1 and not gpu:
             # each worker receives the whole prepared model before sharding it: the object
@@ -344,22 +345,60 @@ def device_memory(device: str | None, given_gib: float | None) -> tuple[str, int
     raise RuntimeError("cannot tell this machine's memory; pass --device-mem GB")
 
 
-def fit_pieces(spec, shape: ModelShape, device_type: str, workers: int,
-               device_bytes: int) -> tuple[Any, int | None]:
-    """``(spec, m)``: where ``spec`` trains, sets no ``train.micro_batch`` and its whole share
-    of a micro-batch does not fit ``device_bytes``, the spec with the largest piece size ``m``
-    that does (the same result: pieces accumulate their gradients); else ``(spec, None)``."""
+def _fitting_pieces(spec, shape: ModelShape, device_type: str, workers: int,
+                    device_bytes: int) -> tuple[Any, int, Estimate] | None:
+    """``(spec with train.micro_batch=m, m, its estimate)`` for the largest piece size ``m``
+    below the spec's own that fits ``device_bytes``; None when even 1 sequence does not."""
     train = _train_of(spec.config)
-    if train is None or train.get("micro_batch"):
-        return spec, None
-    if estimate_spec(spec, shape, device_type, workers).total <= device_bytes:
-        return spec, None
-    for m in piece_sizes(math.ceil(int(train["batch_size"]) / workers)):
+    share = math.ceil(int(train["batch_size"]) / workers)
+    now = min(share, int(train.get("micro_batch") or share))
+    for m in (m for m in piece_sizes(share) if m < now):
         cfg = {**spec.config, "train": {**train, "micro_batch": m}}
         pieces = spec.model_copy(update={"config": cfg})
-        if estimate_spec(pieces, shape, device_type, workers).total <= device_bytes:
-            return pieces, m
-    return spec, None
+        est = estimate_spec(pieces, shape, device_type, workers)
+        if est.total <= device_bytes:
+            return pieces, m, est
+    return None
+
+
+def fit_pieces(specs, device: str | None, device_mem_gib: float | None,
+               workers: int = 1) -> tuple[list, list[str]]:
+    """The runs to start, each training run whose whole share of a micro-batch does not fit
+    the device (and that sets no ``train.micro_batch``) given the largest pieces that do (the
+    same result: pieces accumulate their gradients); and one line announcing each change. A
+    model without a config to plan from is left as it is (loading it says what is missing)."""
+    from harness.errors import HarnessError
+
+    def whole_share(spec) -> bool:
+        train = _train_of(spec.config)
+        return train is not None and not train.get("micro_batch")
+
+    if not any(whole_share(s) for s in specs):  # nothing to plan: the device is not asked
+        return list(specs), []
+    device_type, device_bytes, source = device_memory(device, device_mem_gib)
+    shapes: dict[str, ModelShape | None] = {}
+    out, notes = [], []
+    for spec in specs:
+        out.append(spec)
+        if not whole_share(spec):
+            continue
+        if spec.model not in shapes:
+            try:
+                shapes[spec.model] = model_shape(spec.model)
+            except HarnessError:
+                shapes[spec.model] = None
+        shape = shapes[spec.model]
+        if shape is None or estimate_spec(spec, shape, device_type,
+                                          workers).total <= device_bytes:
+            continue
+        fitted = _fitting_pieces(spec, shape, device_type, workers, device_bytes)
+        if fitted is not None:
+            out[-1], m, _ = fitted
+            notes.append(f"run {spec.run_key} ({spec.method}): its share of each micro-batch "
+                         f"does not fit {device_type} ({_gib(device_bytes)} GiB, {source}); "
+                         f"training takes it in pieces of {m} sequence(s) "
+                         f"(train.micro_batch={m}, the same result)")
+    return out, notes
 
 
 def piece_sizes(share: int) -> list[int]:
@@ -412,16 +451,11 @@ def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_byt
             opts.append("more workers (not enough even at 64)")
         est = estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
         opts.append(f"--set train.grad_checkpointing=true ({_gib(est.total)} GiB)")
-        share = math.ceil(int(train["batch_size"]) / workers)
-        now = min(share, int(train.get("micro_batch") or share))
-        for m in (m for m in piece_sizes(share) if m < now):
-            cfg = {**spec.config, "train": {**train, "micro_batch": m}}
-            small = spec.model_copy(update={"config": cfg})
-            est = estimate_spec(small, shape, device_type, workers)
-            if est.total <= device_bytes:
-                opts.append(f"smaller pieces of each micro-batch, the same result (--set "
-                            f"train.micro_batch={m}: {_gib(est.total)} GiB)")
-                break
+        fitted = _fitting_pieces(spec, shape, device_type, workers, device_bytes)
+        if fitted is not None:
+            _, m, est = fitted
+            opts.append(f"smaller pieces of each micro-batch, the same result (--set "
+                        f"train.micro_batch={m}: {_gib(est.total)} GiB)")
         else:
             opts.append("smaller pieces of each micro-batch via train.micro_batch (not enough "
                         "even at 1 sequence)")

@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_MICRO_BATCH_TOKENS = 1 << 24
 
 
+def share_pieces(share: int, micro_batch: int | None) -> int:
+    """Pieces a share of ``share`` sequences is taken in under ``train.micro_batch``."""
+    return 1 if not micro_batch else -(-share // micro_batch)
+
+
 class TrainConfig(BaseModel):
     """Optimiser, schedule, budget, teacher sampling and checkpoint selection. Defaults for the
     budget come from the profile.

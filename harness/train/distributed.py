@@ -13,7 +13,8 @@ What does not depend on the worker count: the configured ``batch_size x grad_acc
 global batch; every micro-batch is split over the workers (rows ``rank::N``, shares differing
 by one row at most), each worker's loss is weighted by its rows and FSDP averages the
 gradients, so the step equals the single-process step up to summation order. A share larger
-than ``train.micro_batch`` is taken in pieces with accumulated gradients. The run key does not contain N (``train_workers`` is a metric).
+than ``train.micro_batch`` is taken in pieces with accumulated gradients. The run key does not
+contain N (``train_workers`` is a metric).
 
 The held-out selection (``train.holdout``, ``train.select_best``) runs on the workers: each
 evaluates its rows of every held-out batch, the losses are all-reduced, and the best step's

@@ -30,7 +30,7 @@ from harness.errors import HarnessError, TrainingDiverged
 from harness.models import no_cache
 from harness.quant.batched import BatchedFakeQuant, BatchedOneBit
 from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
-from harness.train.config import TrainConfig
+from harness.train.config import TrainConfig, share_pieces
 from harness.train.data import holdout_source
 
 log = logging.getLogger(__name__)
@@ -410,13 +410,6 @@ def _to_device(ids: torch.Tensor, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def pieces_per_share(cfg: TrainConfig, workers: int = 1) -> int:
-    """Pieces each worker takes its share of a micro-batch in (``train.micro_batch``): the same
-    count on every worker, sized by the largest share, so FSDP's collectives stay in step."""
-    share = -(-cfg.batch_size // workers)
-    return 1 if cfg.micro_batch is None else -(-share // cfg.micro_batch)
-
-
 def optimizer_step(model, teacher, objective: Objective, opt, params, batch_of, step: int,
                    cfg: TrainConfig, amp, workers: int = 1) -> torch.Tensor:
     """Dispatches one optimizer step over ``cfg.grad_accum`` micro-batches, ``batch_of(step,
@@ -425,12 +418,14 @@ def optimizer_step(model, teacher, objective: Objective, opt, params, batch_of, 
     all-reduces and divides) as a 0-d tensor without waiting for it (the caller reads it, and
     checks it is finite, while the next step runs: see :class:`_PendingLoss`).
 
-    A share is taken in :func:`pieces_per_share` pieces, their gradients accumulated; each
-    piece's loss is weighted by its rows x ``workers`` / ``batch_size`` (FSDP averages the
-    workers' gradients), so the step is the global batch's mean however it was split. A piece
-    left empty (a share shorter than the pieces) runs a forward weighted 0 on one row."""
+    A share is taken in :func:`~harness.train.config.share_pieces` pieces (the same count on
+    every worker, sized by the largest share, so FSDP's collectives stay in step), their
+    gradients accumulated; each piece's loss is weighted by its rows x ``workers`` /
+    ``batch_size`` (FSDP averages the workers' gradients), so the step is the global batch's
+    mean however it was split. A piece left empty (a share shorter than the pieces) runs a
+    forward weighted 0 on one row."""
     opt.zero_grad(set_to_none=True)
-    pieces = pieces_per_share(cfg, workers)
+    pieces = share_pieces(-(-cfg.batch_size // workers), cfg.micro_batch)
     total = None
     for micro in range(cfg.grad_accum):
         ids = batch_of(step, micro)
