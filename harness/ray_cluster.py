@@ -58,3 +58,30 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"no Ray cluster answers at --ray-address {address} "
             f"({exc.strerror or type(exc).__name__}); start one with `ray start --head "
             f"--port {port}` or leave out --ray-address to run a local one") from None
+
+
+def workers_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
+    """Joins (or starts) Ray and checks the cluster can hold ``workers`` workers of one run:
+    Ray would otherwise wait for them forever."""
+    import ray
+
+    init_ray(ray_address, min_cpus=workers)  # locally: a CPU slot per worker at least
+    kind = "GPU" if use_gpu else "CPU"
+    have = ray.cluster_resources().get(kind, 0)
+    if have < workers:
+        raise HarnessError(f"{workers} training workers need {workers} {kind}s but the Ray "
+                           f"cluster has {have:g}; lower --workers-per-run (or --gpus-per-run) "
+                           f"or add nodes")
+
+
+def worker_failure_line(exc: BaseException, workers: int, job: str, then: str) -> str:
+    """One line from Ray's error about a run's workers doing ``job``: the worker's own
+    exception where it raised one, else what happened to it, and ``then`` (what to do)."""
+    text = str(exc)
+    for marker in ("TrainingDiverged:", "HarnessError:"):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    died = any(w in text for w in ("died", "ActorDiedError", "exited", "SIGKILL", "killed"))
+    what = f"a {job} worker died" if died else f"{job} on the workers failed"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"{what} ({workers} workers: {first[:200]}); {then}"

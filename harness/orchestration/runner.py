@@ -65,9 +65,10 @@ class _Timer:
 
 
 def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run_dir: Path,
-                  device: torch.device) -> RunContext:
+                  device: torch.device, sampler=None) -> RunContext:
     """A RunContext whose expensive members (calibration, teacher, data) load on first use,
-    sized by what ``method`` declares (:meth:`~harness.api.Method.needs`, its ``config``)."""
+    sized by what ``method`` declares (:meth:`~harness.api.Method.needs`, its ``config``);
+    missing teacher data sampled by ``sampler`` when given (else by the teacher here)."""
     cache: dict[str, object] = {}
     # a method that declares none still gets calibration blocks and training data if it asks:
     # the default sizes, as before it could declare them
@@ -92,7 +93,7 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
         key = f"train:{source}"
         if key not in cache:
             cache[key] = training_blocks(spec, train_settings, tokenizer, source, teacher,
-                                         device)
+                                         device, sampler)
         return cache[key]
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,8 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
                 ray_address: str | None = None) -> dict:
     """Runs ``spec`` end to end and returns its metrics. With ``workers`` its training runs on
     that many Ray Train workers with FSDP2 (:mod:`harness.train.distributed`; GPUs where the
-    run's device is one), everything else in this process.
+    run's device is one), and missing teacher data is sampled on as many devices; everything
+    else runs in this process.
 
     Raises:
         HarnessError: bad input discovered while running (the caller marks the run failed).
@@ -156,11 +158,18 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     peaks: dict[str, float] = {}
     with _Timer(recorder, "load", peaks):
         model, tokenizer = load_model(spec.model, device=dev)
-    ctx = build_context(spec, method, model, tokenizer, recorder, run_dir, dev)
+    sampler = None
+    if workers and workers > 1:  # the teacher data, if missing, sampled on as many devices
+        from harness.train.worker_generation import WorkerSampler  # imports Ray on use
+
+        sampler = WorkerSampler(spec.model, workers, dev.type == "cuda", ray_address)
+    ctx = build_context(spec, method, model, tokenizer, recorder, run_dir, dev, sampler)
     with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
     with _Timer(recorder, "objective", peaks):  # teacher data and CAKLD's gamma come here
         objective = method.objective(ctx)
+    if sampler is not None and sampler.sampled:
+        recorder.metric("teacher_data_workers", sampler.workers)
     if objective is not None:
         for name, value in objective.metrics.items():
             recorder.metric(name, value)

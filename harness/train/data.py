@@ -12,7 +12,7 @@ import torch
 from harness import data
 from harness.errors import HarnessError
 from harness.train.config import TrainConfig
-from harness.train.teacher_data import teacher_sequences
+from harness.train.teacher_data import Sampler, teacher_sequences
 
 SOURCES = ("corpus", "teacher")
 HOLDOUT = "holdout"
@@ -32,7 +32,7 @@ def held_out_count(n: int, fraction: float) -> int:
 
 
 def training_blocks(spec, train: TrainConfig, tokenizer, source: str, teacher,
-                    device) -> torch.Tensor:
+                    device, sampler: Sampler | None = None) -> torch.Tensor:
     """``[n, seq_len]`` training blocks for ``spec``'s run.
 
     Args:
@@ -41,6 +41,8 @@ def training_blocks(spec, train: TrainConfig, tokenizer, source: str, teacher,
         source: ``"corpus"`` (training plays) or ``"teacher"`` (FP-model continuations), with
             ``":holdout"`` for the held-out slice instead of the training part.
         teacher: callable returning the frozen teacher (loaded only when data must be generated).
+        sampler: how missing teacher data is sampled (default: on ``teacher()``), e.g. on the
+            run's training workers (:mod:`harness.train.worker_generation`).
 
     Raises:
         HarnessError: an unknown source, or too little data for the held-out split.
@@ -49,11 +51,11 @@ def training_blocks(spec, train: TrainConfig, tokenizer, source: str, teacher,
     if kind not in SOURCES or part not in ("", HOLDOUT):
         raise HarnessError(f"unknown training data source {source!r}; use corpus or teacher")
     split = _corpus_split if kind == "corpus" else _teacher_split
-    blocks, held = split(spec, tokenizer, teacher, train)
+    blocks, held = split(spec, tokenizer, teacher, train, sampler)
     return held if part else blocks
 
 
-def _corpus_split(spec, tokenizer, _teacher, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def _corpus_split(spec, tokenizer, _teacher, cfg, _sampler) -> tuple[torch.Tensor, torch.Tensor]:
     needed = max(1, cfg.steps * cfg.batch_size * cfg.grad_accum)
     blocks = data.token_blocks(tokenizer, "train", cfg.seq_len, None, seed=spec.seed)
     # The corpus has far more blocks than a run reads: the held-out ones are blocks the run
@@ -67,10 +69,10 @@ def _corpus_split(spec, tokenizer, _teacher, cfg) -> tuple[torch.Tensor, torch.T
     return blocks[:n_train], blocks[n_train : n_train + k]
 
 
-def _teacher_split(spec, tokenizer, teacher, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def _teacher_split(spec, tokenizer, teacher, cfg, sampler) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = teacher_sequences(spec.model_key, teacher, tokenizer, cfg.teacher_samples,
                              cfg.teacher_new_tokens, cfg.temperature, seed=0,
-                             top_k=cfg.teacher_top_k, top_p=cfg.teacher_top_p)
+                             top_k=cfg.teacher_top_k, top_p=cfg.teacher_top_p, sampler=sampler)
     # Whole samples are held out (the reference holds out its first fifth): a block cut across
     # two samples would otherwise put the two halves of one continuation on both sides.
     k = held_out_count(seqs.size(0), cfg.holdout)

@@ -85,18 +85,34 @@ def test_cache_key_covers_the_sampling_settings(tiny):
             for t, k, p in [(0.7, 50, 1.0), (0.7, 0, 1.0), (0.7, 40, 1.0), (0.7, 50, 0.9),
                             (1.0, 50, 1.0)]}
     assert len(keys) == 5
-    # files written before top-k/top-p were settings were sampled with top_k=0, top_p=1: their
-    # key (the earlier formula) serves exactly those settings, never the new default
+    # files sampled with one random stream through all batches (before batches had their own
+    # seeds) were keyed without "seeding": no key now matches them
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps({"model": "tiny-llama", "new_tokens": 4, "temperature": 0.7,
-                                   "seed": 12}, sort_keys=True).encode())
-    h.update(prompts.numpy().tobytes())
-    old = h.hexdigest()[:20]
-    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0, batch_size=16) == old
-    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 50, 1.0, batch_size=16) != old
-    assert td.cache_key("tiny-llama", prompts, 4, 0.7, 12, 0, 1.0) != old  # batch 64 now
+    for fields in ({"model": "tiny-llama", "new_tokens": 4, "temperature": 0.7, "seed": 12},
+                   {"model": "tiny-llama", "new_tokens": 4, "temperature": 0.7, "seed": 12,
+                    "top_k": 50, "top_p": 1.0, "batch": 64}):
+        h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+        h.update(prompts.numpy().tobytes())
+        assert h.hexdigest()[:20] not in keys | {td.cache_key("tiny-llama", prompts, 4, 0.7, 12,
+                                                              0, 1.0, batch_size=16)}
+
+
+def test_any_subset_of_batches_samples_what_one_process_samples(tiny):
+    """Training workers split the batches (batch b on worker b mod N): each batch has its own
+    seed, so the parts put back in order are the one-process data, for any N."""
+    model, tok = tiny
+    prompts = td.make_prompts(tok, 5, 12)
+    kw = dict(new_tokens=6, temperature=0.7, seed=12, top_k=50, top_p=1.0, batch_size=2,
+              progress=False)
+    whole = td.generate(model, tok, prompts, **kw)
+    assert whole.shape == (5, td.PROMPT_TOKENS + 6) and td.batch_count(prompts, 2) == 3
+    last_first = td.generate(model, tok, prompts, batches=[2, 0], **kw)  # worker 0 of 2
+    middle = td.generate(model, tok, prompts, batches=[1], **kw)  # worker 1 of 2
+    assert torch.equal(torch.cat([last_first[1:3], middle, last_first[:1]]), whole)
+    other_seed = td.generate(model, tok, prompts, **{**kw, "seed": 13})
+    assert not torch.equal(other_seed[:, td.PROMPT_TOKENS:], whole[:, td.PROMPT_TOKENS:])
 
 
 def test_the_batch_size_changes_the_samples_so_it_is_in_the_key(tiny):
