@@ -31,7 +31,7 @@ def cmd_run(args) -> int:
     if experiment.train_workers:
         _check_distributable(specs, experiment.train_workers)
     if scheduler != "ray":  # runs start from this process: plan them for its device
-        specs = _fit_pieces(specs, args, experiment.train_workers or 1)
+        specs = _fit_to_device(specs, args, experiment.train_workers or 1)
         _check_task_data(specs)  # a Ray worker's dataset cache may be another machine's
         from harness.eval.ppl_data import check_available
 
@@ -92,12 +92,13 @@ def _check_device_mem(args) -> None:
         raise HarnessError(f"--device-mem {mem:g}: expected a positive size in GiB")
 
 
-def _fit_pieces(specs, args, workers: int) -> list:
-    """Training runs whose share of a micro-batch does not fit the device take it in pieces
-    (``train.micro_batch``, not in the run key: the same result); each one is announced."""
-    from harness.memory_plan import fit_pieces
+def _fit_to_device(specs, args, workers: int) -> list:
+    """Training runs that do not fit the device as configured get the changes that keep their
+    result (not in the run key): a sharded teacher, then pieces of each micro-batch
+    (``train.teacher_shard``, ``train.micro_batch``); each one is announced."""
+    from harness.memory_plan import fit_to_device
 
-    specs, notes = fit_pieces(specs, args.device, getattr(args, "device_mem", None), workers)
+    specs, notes = fit_to_device(specs, args.device, getattr(args, "device_mem", None), workers)
     for note in notes:
         print(note)
     return specs

@@ -122,11 +122,12 @@ EVAL_KEYS_SINCE_V1 = {"ppl_data": ["shakespeare"], "num_fewshot": None, "allow_c
 
 #: Training settings that change when a run logs and checkpoints, never what it computes.
 # grad_checkpointing recomputes activations in the backward: the same gradients, less memory
+# teacher_shard: the teacher's layers gathered whole around each forward, the same outputs
 WRITE_ONLY_TRAIN_KEYS = ("log_every", "checkpoint_every", "grad_checkpointing",
-                         "micro_batch")
+                         "micro_batch", "teacher_shard")
 #: Training settings added after runs were stored, at their defaults: left out of the dump, so
 #: every earlier run keeps its key.
-TRAIN_KEYS_SINCE_V1 = {"micro_batch": None}
+TRAIN_KEYS_SINCE_V1 = {"micro_batch": None, "teacher_shard": None}
 
 
 class RunSpec(BaseModel):

@@ -17,7 +17,8 @@ Sizes follow what the code holds (``harness/train/trainer.py``, ``autocast.py``,
 autocast (activations 2 bytes, fp32 master weights, gradients and AdamW state); the frozen
 teacher's linears are cast to bf16 on the GPU (its embedding stays fp32); the CPU trains in
 float32. Several workers (FSDP, ``harness/train/distributed.py``) shard the training's weights,
-gradients and AdamW state and split each micro-batch; the teacher is replicated, and prepare
+gradients and AdamW state and split each micro-batch; the teacher is a whole copy per worker,
+or sharded like the model where a whole copy does not fit (:func:`plan_teacher`), and prepare
 and eval see the whole model in the run's own process. On the CPU the process keeps the heap
 it frees, so evaluation's buffers count on top of the earlier phases.
 """
@@ -179,7 +180,8 @@ def _train_of(config: dict[str, Any]) -> dict[str, Any] | None:
 def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq_len: int,
              teacher: bool = False, calibration: tuple[int, int] | None = None,
              device_type: str = "cpu", workers: int = 1,
-             grad_checkpointing: bool | None = None, fmt: str | None = None) -> Estimate:
+             grad_checkpointing: bool | None = None, fmt: str | None = None,
+             teacher_shard: bool | None = None) -> Estimate:
     """Estimated peak bytes of one device for one run.
 
     Args:
@@ -191,8 +193,11 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         calibration: ``(samples, seq_len)`` of calibration data, if the method reads some.
         device_type: ``cpu`` or ``cuda``.
         workers: FSDP workers of the run: weights, gradients and AdamW are sharded by it, and
-            each micro-batch is split over them (the teacher is replicated).
+            each micro-batch is split over them (the teacher is a whole copy per worker unless
+            sharded).
         grad_checkpointing: None: ``train.grad_checkpointing`` of the config (False if absent).
+        teacher_shard: None: ``train.teacher_shard`` of the config (False if absent); only
+            with several workers.
         fmt: the weight format its layers train in (the method's resolved ``fmt``); None: the
             method does not quantize weights.
     """
@@ -204,15 +209,22 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     phases: dict[str, int] = {}
     full = P * 4  # float32; prepare, finalize and eval see the whole model on one device
     c["weights"] = full
+    whole_teacher = 0
     if teacher:
         if gpu:  # frozen linears cast to bf16 (autocast.frozen_linears_in), embedding fp32
-            c["teacher"] = shape.embedding_params * 4 + (P - shape.embedding_params) * 2
+            whole_teacher = shape.embedding_params * 4 + (P - shape.embedding_params) * 2
         else:
-            c["teacher"] = P * 4
-    else:
-        c["teacher"] = 0
+            whole_teacher = P * 4
+    c["teacher"] = whole_teacher
 
     train = _train_of(config)
+    if teacher_shard is None:
+        teacher_shard = bool(train and train.get("teacher_shard"))
+    if teacher and train is not None and w > 1 and teacher_shard and gpu:
+        # fp32 shards (FSDP2 holds them: no bf16 copies), each layer gathered whole around its
+        # forward and the next one's gather in flight. On the CPU the worker loads the whole
+        # teacher on its host before sharding it: that peak stays.
+        c["teacher"] = math.ceil(P * 4 / w) + 2 * shape.layer_params * 4
     if train is not None:
         trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
         ckpt = train.get("grad_checkpointing", False) if grad_checkpointing is None \
@@ -254,10 +266,12 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
                            + acts + c["logits"])
         if method == "bitdistiller" and config.get("gamma") in ("paper", "code"):
             # estimate_gamma keeps the fp32 teacher logits of its first 11 batches (the
-            # teacher outside training autocast: fp32 weights), + one log-softmax
+            # teacher outside training autocast: fp32 weights), + one log-softmax; in the
+            # run's own process, whole batches (not a worker's share)
             batches = min(11, max(1, int(train.get("teacher_samples", 64))
                                   // int(train["batch_size"])))
-            c["gamma"] = (batches + 1) * tokens * shape.vocab * 4
+            c["gamma"] = ((batches + 1) * int(train["batch_size"]) * int(train["seq_len"])
+                          * shape.vocab * 4)
             phases["objective"] = full + P * 4 + c["gamma"]
     else:
         c.update(grads=0, adamw=0, fake_quant=0, activations=0, logits=0)
@@ -284,7 +298,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         c["eval"] += shape.linear_params * 4
     # the run's own process evaluates; with workers it did not train (the workers did)
     before = max((v for k, v in phases.items() if not (k == "train" and w > 1)), default=0)
-    phases["eval"] = full + c["teacher"] + c["eval"]
+    # with workers this process let its teacher go before they trained
+    phases["eval"] = full + (whole_teacher if train is None or w == 1 else 0) + c["eval"]
     if not gpu:
         if train is not None and w > 1:
             # it put the prepared model into the object store: those pages are in its RSS
@@ -353,34 +368,68 @@ def _fitting_pieces(spec, shape: ModelShape, device_type: str, workers: int,
     share = math.ceil(int(train["batch_size"]) / workers)
     now = min(share, int(train.get("micro_batch") or share))
     for m in (m for m in piece_sizes(share) if m < now):
-        cfg = {**spec.config, "train": {**train, "micro_batch": m}}
-        pieces = spec.model_copy(update={"config": cfg})
+        pieces = _with_train(spec, micro_batch=m)
         est = estimate_spec(pieces, shape, device_type, workers)
         if est.total <= device_bytes:
             return pieces, m, est
     return None
 
 
-def fit_pieces(specs, device: str | None, device_mem_gib: float | None,
-               workers: int = 1) -> tuple[list, list[str]]:
-    """The runs to start, each training run whose whole share of a micro-batch does not fit
-    the device (and that sets no ``train.micro_batch``) given the largest pieces that do (the
-    same result: pieces accumulate their gradients); and one line announcing each change. A
-    model without a config to plan from is left as it is (loading it says what is missing)."""
+def _with_train(spec, **train_updates):
+    train = _train_of(spec.config)
+    return spec.model_copy(update={"config": {**spec.config, "train": {**train,
+                                                                        **train_updates}}})
+
+
+def plan_teacher(spec, shape: ModelShape, device_type: str, workers: int,
+                 device_bytes: int) -> tuple[Any, bool]:
+    """``(spec, whether the plan sharded its teacher)``: a training run on several workers that
+    leaves ``train.teacher_shard`` unset gets it set when a whole teacher per worker does not
+    fit the device and the shards need less (the same teacher outputs, not in the run key).
+    Every other spec comes back as it is."""
+    train = _train_of(spec.config)
+    if (train is None or workers < 2 or train.get("teacher_shard") is not None
+            or not _has_teacher(spec)):
+        return spec, False
+    whole = estimate_spec(spec, shape, device_type, workers)
+    if whole.total <= device_bytes:
+        return spec, False
+    sharded = _with_train(spec, teacher_shard=True)
+    if estimate_spec(sharded, shape, device_type, workers).total >= whole.total:
+        return spec, False  # the CPU: a worker loads the whole teacher before sharding it
+    return sharded, True
+
+
+def _has_teacher(spec) -> bool:
+    from harness.registry import build_method
+
+    return bool(build_method(spec).needs().teacher_model)
+
+
+def fit_to_device(specs, device: str | None, device_mem_gib: float | None,
+                  workers: int = 1) -> tuple[list, list[str]]:
+    """The runs to start, each training run fitted to the device by the same-result changes
+    (not in the run key) and one line announcing each: on several workers a teacher sharded
+    where a whole one per worker does not fit (:func:`plan_teacher`); then, where the whole
+    share of a micro-batch still does not fit (and no ``train.micro_batch`` is set), the largest
+    pieces that do (pieces accumulate their gradients). A model without a config to plan from
+    is left as it is (loading it says what is missing)."""
     from harness.errors import HarnessError
 
-    def whole_share(spec) -> bool:
+    def plannable(spec) -> bool:
         train = _train_of(spec.config)
-        return train is not None and not train.get("micro_batch")
+        return train is not None and (not train.get("micro_batch") or (
+            workers > 1 and train.get("teacher_shard") is None))
 
-    if not any(whole_share(s) for s in specs):  # nothing to plan: the device is not asked
+    if not any(plannable(s) for s in specs):  # nothing to plan: the device is not asked
         return list(specs), []
     device_type, device_bytes, source = device_memory(device, device_mem_gib)
+    where = f"{device_type} ({_gib(device_bytes)} GiB, {source})"
     shapes: dict[str, ModelShape | None] = {}
     out, notes = [], []
     for spec in specs:
         out.append(spec)
-        if not whole_share(spec):
+        if not plannable(spec):
             continue
         if spec.model not in shapes:
             try:
@@ -388,16 +437,23 @@ def fit_pieces(specs, device: str | None, device_mem_gib: float | None,
             except HarnessError:
                 shapes[spec.model] = None
         shape = shapes[spec.model]
-        if shape is None or estimate_spec(spec, shape, device_type,
-                                          workers).total <= device_bytes:
+        if shape is None:
+            continue
+        spec, sharded = plan_teacher(spec, shape, device_type, workers, device_bytes)
+        if sharded:
+            out[-1] = spec
+            notes.append(f"run {spec.run_key} ({spec.method}): a whole teacher on each of the "
+                         f"{workers} workers does not fit {where}; the teacher is sharded over "
+                         f"them (train.teacher_shard=true, the same result)")
+        if (_train_of(spec.config).get("micro_batch")
+                or estimate_spec(spec, shape, device_type, workers).total <= device_bytes):
             continue
         fitted = _fitting_pieces(spec, shape, device_type, workers, device_bytes)
         if fitted is not None:
             out[-1], m, _ = fitted
             notes.append(f"run {spec.run_key} ({spec.method}): its share of each micro-batch "
-                         f"does not fit {device_type} ({_gib(device_bytes)} GiB, {source}); "
-                         f"training takes it in pieces of {m} sequence(s) "
-                         f"(train.micro_batch={m}, the same result)")
+                         f"does not fit {where}; training takes it in pieces of {m} "
+                         f"sequence(s) (train.micro_batch={m}, the same result)")
     return out, notes
 
 
@@ -417,15 +473,18 @@ COLUMNS = ("run", "method", "workers", "weights", "grads", "adamw", "teacher", "
 
 
 def plan_table(rows: list[tuple[Any, Estimate, Estimate | None]], device_bytes: int) -> str:
-    """One line per run: its components, its peak, and (training runs) the activations and the
-    peak with activation checkpointing (``train.grad_checkpointing=true``)."""
+    """One line per run: its components (a teacher sharded over the workers marked), its peak,
+    and (training runs) the activations and the peak with activation checkpointing
+    (``train.grad_checkpointing=true``)."""
     from harness.report import table
 
     out = []
     for spec, est, ckpt in rows:
         c = est.components
+        sharded = est.workers > 1 and (_train_of(spec.config) or {}).get("teacher_shard")
         out.append([spec.run_key, spec.method, est.workers,
-                    *(_gib(c[k]) for k in COLUMNS[3:14]),
+                    *(_gib(c[k]) + (" sharded" if k == "teacher" and sharded and c[k] else "")
+                      for k in COLUMNS[3:14]),
                     f"{_gib(est.total)} ({est.phase})",
                     "-" if ckpt is None else _gib(ckpt.components["activations"]),
                     "-" if ckpt is None else f"{_gib(ckpt.total)} ({ckpt.phase})",
@@ -443,7 +502,8 @@ def ways_out(spec, shape: ModelShape, device_type: str, workers: int, device_byt
     if train is not None:  # only training is sharded over workers
         for n in (2, 4, 8, 16, 32, 64):
             if n > workers:
-                est = estimate_spec(spec, shape, device_type, n)
+                est = estimate_spec(plan_teacher(spec, shape, device_type, n, device_bytes)[0],
+                                    shape, device_type, n)
                 if est.total <= device_bytes:
                     opts.append(f"more workers ({flag} {n}: {_gib(est.total)} GiB each)")
                     break
@@ -481,6 +541,7 @@ def dry_run(specs, device: str | None, device_mem_gib: float | None, workers: in
         if spec.model not in shapes:
             shapes[spec.model] = model_shape(spec.model)
         shape = shapes[spec.model]
+        spec, _ = plan_teacher(spec, shape, device_type, workers, device_bytes)  # as a run would
         ckpt = None if _train_of(spec.config) is None else \
             estimate_spec(spec, shape, device_type, workers, grad_checkpointing=True)
         rows.append((spec, estimate_spec(spec, shape, device_type, workers), ckpt))

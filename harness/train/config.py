@@ -49,6 +49,11 @@ class TrainConfig(BaseModel):
         "a larger share of a micro-batch is taken in pieces and their gradients accumulated, "
         "each piece weighted by its sequences; same result up to summation order, less "
         "activation memory, not part of the run key. Unset: the whole share at once")
+    teacher_shard: bool | None = Field(
+        None, description="on N training workers, shard the frozen teacher with FSDP2 (each "
+        "worker holds 1/N, every layer gathered around its forward) instead of a whole copy per "
+        "worker; the same teacher outputs, not part of the run key. Unset: the memory plan "
+        "shards it only when a whole copy per worker does not fit the device")
     teacher_samples: int = Field(64, ge=1, description="teacher-generated sequences")
     teacher_new_tokens: int = Field(256, ge=1, description="tokens generated per sequence")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature")

@@ -16,6 +16,11 @@ gradients, so the step equals the single-process step up to summation order. A s
 than ``train.micro_batch`` is taken in pieces with accumulated gradients. The run key does not
 contain N (``train_workers`` is a metric).
 
+The teacher (distillation) is a whole copy on every worker, or with ``train.teacher_shard``
+(which the memory plan sets when a copy per worker does not fit) sharded like the model: each
+layer gathered around its forward, the same outputs. Teacher data missing from the cache is
+sampled before training on as many devices (:mod:`harness.train.worker_generation`).
+
 The held-out selection (``train.holdout``, ``train.select_best``) runs on the workers: each
 evaluates its rows of every held-out batch, the losses are all-reduced, and the best step's
 weights are gathered on rank 0.
@@ -28,6 +33,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -40,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.api import Objective, RunContext
 from harness.errors import HarnessError, require_module
-from harness.ray_cluster import init_ray
+from harness.ray_cluster import worker_failure_line, workers_ready
 from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
 from harness.train.trainer import (
@@ -148,6 +154,12 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 class ShardedCheckpointer:
     """Trainable parameters and AdamW's state as DCP shards, the step, the scheduler and the
     training curve in ``state.json`` (rank 0). Swapped in whole: a crash mid-save leaves the
@@ -251,11 +263,14 @@ def _worker_loop(config: dict) -> None:
     _shard(model)  # on the host: FSDP2 moves only this worker's shards to the mesh's device
     model.to(device)
     teacher = None
-    if objective.needs_teacher:  # replicated: frozen, forward only
-        teacher, _ = load_model(config["model"], device=device)
+    if objective.needs_teacher:  # frozen, forward only: a whole copy, or 1/N (teacher_shard)
+        teacher, _ = load_model(config["model"], device="cpu" if cfg.teacher_shard else device)
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
+        if cfg.teacher_shard:
+            _shard(teacher)
+            teacher.to(device)
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -274,7 +289,9 @@ def _worker_loop(config: dict) -> None:
     def batch_of(step: int, micro: int) -> torch.Tensor:
         return worker_share(data, step, micro, cfg, rank, workers).to(device)
 
-    with frozen_linears_in(teacher, autocast_dtype(device)):
+    # a sharded teacher keeps its fp32 shards (autocast casts each gathered weight): FSDP2
+    # holds them, so they cannot be swapped for bf16 copies as a whole teacher's are
+    with frozen_linears_in(None if cfg.teacher_shard else teacher, autocast_dtype(device)):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
@@ -310,22 +327,9 @@ def _worker_loop(config: dict) -> None:
         save_file(chosen, str(out / "params.safetensors"))
         (out / "result.json").write_text(json.dumps({
             "start": start, "history": history, "train_s": train_s, "workers": workers,
-            "peaks": peaks, "selection": None if selection is None else selection.state()}))
+            "peaks": peaks, "selection": None if selection is None else selection.state(),
+            "teacher_sharded": None if teacher is None else _is_sharded(teacher)}))
     dist.barrier()
-
-
-def _ray_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
-    """Joins (or starts) Ray and checks the cluster can hold ``workers`` workers: Ray Train
-    would otherwise wait for them forever."""
-    import ray
-
-    init_ray(ray_address, min_cpus=workers)  # locally: a CPU slot per worker at least
-    kind = "GPU" if use_gpu else "CPU"
-    have = ray.cluster_resources().get(kind, 0)
-    if have < workers:
-        raise HarnessError(f"{workers} training workers need {workers} {kind}s but the Ray "
-                           f"cluster has {have:g}; lower --workers-per-run (or --gpus-per-run) "
-                           f"or add nodes")
 
 
 def _trainer_class():
@@ -380,13 +384,16 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     data = ctx.train_batches(objective.data)
     if ctx.release_teacher is not None:  # the workers load their own; this one would sit on
         ctx.release_teacher()            # the first GPU while they train
-    _ray_ready(workers, use_gpu, ray_address)
+    workers_ready(workers, use_gpu, ray_address)
     import ray
 
     out = Path(ctx.run_dir) / RESULT_DIR
     shutil.rmtree(out, ignore_errors=True)
     held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
     payload = ray.put((model.to("cpu"), objective, data.cpu(), held))
+    if torch.cuda.is_available():  # what this process freed would stay reserved on the GPU
+        gc.collect()               # where worker 0 trains
+        torch.cuda.empty_cache()
     config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
               "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
               "spec_hash": ctx.spec.spec_hash(),
@@ -401,7 +408,8 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     try:
         trainer.fit()
     except Exception as exc:
-        raise HarnessError(_failure_line(exc, workers)) from None
+        raise HarnessError(worker_failure_line(exc, workers, "training", "rerun to resume "
+                                               "from the last sharded checkpoint")) from None
     finally:
         del payload
     result = json.loads((out / "result.json").read_text())
@@ -425,19 +433,6 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
             "resumed_from": result["start"], "best_step": best_step}
 
 
-def _failure_line(exc: BaseException, workers: int) -> str:
-    """One line from Ray Train's error: the worker's own exception where it raised one."""
-    text = str(exc)
-    for marker in ("TrainingDiverged:", "HarnessError:"):
-        if marker in text:
-            return text.split(marker, 1)[1].strip().splitlines()[0]
-    died = any(w in text for w in ("died", "ActorDiedError", "exited", "SIGKILL", "killed"))
-    what = "a training worker died" if died else "training on the workers failed"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return (f"{what} ({workers} workers: {first[:200]}); rerun to resume from the last "
-            f"sharded checkpoint")
-
-
 def _record(recorder, result: dict, cfg: TrainConfig) -> None:
     """The whole curve, checkpointed steps included: a resumed run's store holds every step
     once, as single-process training's does."""
@@ -452,5 +447,7 @@ def _record(recorder, result: dict, cfg: TrainConfig) -> None:
         recorder.metric("final_train_loss", result["history"][-1][1])
     recorder.metric("train_steps_s_total", result["train_s"])
     recorder.metric("train_workers", result["workers"])
+    if result.get("teacher_sharded") is not None:
+        recorder.metric("train_teacher_sharded", float(result["teacher_sharded"]))
     for kind, value in result.get("peaks", {}).items():  # the run's own process has its own
         recorder.metric(f"peak_{kind}_mb_train_worker", value)

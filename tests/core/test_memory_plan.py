@@ -83,14 +83,31 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path, capsys):
     assert not db.exists()
 
 
-def _plan_7b(tmp_path, gpus: int) -> int:
+def _plan_7b(tmp_path, gpus: int, method: str = "bitdistiller", mem: int = 80,
+             device: str = "cuda") -> int:
     folder = tmp_path / "llama2-7b"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
-    return main(["run", "experiments/llama2-7b-bitdistiller.yaml", "--model", str(folder),
-                 "--methods", "bitdistiller", "--tasks", "", "--device", "cuda", "--gpus-per-run",
-                 str(gpus), "--device-mem", "80", "--dry-run",
-                 "--db", f"sqlite:///{tmp_path / 'h.db'}"])
+    workers = ["--gpus-per-run", str(gpus)] if device == "cuda" else [
+        "--workers-per-run", str(gpus)]
+    return main(["run", f"experiments/llama2-7b-{method}.yaml", "--model", str(folder),
+                 "--methods", method, "--tasks", "", "--device", device, *workers,
+                 "--device-mem", str(mem), "--dry-run", "--db", f"sqlite:///{tmp_path / 'h.db'}"])
+
+
+def test_the_plan_shards_the_teacher_where_a_whole_copy_per_worker_does_not_fit(tmp_path,
+                                                                                  capsys):
+    """7B onebit on 4 GPUs: a whole bf16 teacher per worker plans about 70.7 GiB, sharded
+    about 65.7 (1/4 of fp32 + two gathered layers): kept whole on 80 GiB, sharded on 68."""
+    assert _plan_7b(tmp_path / "80", 4, "onebit", 80) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"onebit .* 12\.80 .* yes\s*$", out, re.M) and "sharded" not in out, out
+    assert _plan_7b(tmp_path / "68", 4, "onebit", 68) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"onebit .* 7\.78 sharded .* yes\s*$", out, re.M), out
+    # on the CPU a worker loads the whole teacher before sharding it: nothing to gain
+    assert _plan_7b(tmp_path / "cpu", 4, "onebit", 68, device="cpu") == 2
+    assert "sharded" not in capsys.readouterr().out
 
 
 def test_llama2_7b_bitdistiller_refused_on_one_80gb_gpu_accepted_on_8(tmp_path, capsys):
@@ -112,10 +129,17 @@ def test_sharding_over_8_workers_fits_80gb():
     ckpt = estimate(shape, "bitdistiller", config, workers=8, grad_checkpointing=True, **kw)
     assert one.total > 80 * GiB and eight.total <= 80 * GiB
     assert ckpt.phases["train"] < eight.phases["train"]  # training alone is sharded
-    # weights, gradients and AdamW shard by the workers; the teacher is replicated
+    # weights, gradients and AdamW shard by the workers; the teacher is whole on each worker
     for k in ("weights", "grads", "adamw"):
         assert eight.components[k] == pytest.approx(one.components[k] / 8, rel=1e-6)
     assert eight.components["teacher"] == one.components["teacher"]
+    # ...or sharded: its fp32 eighth and two layers gathered whole
+    sharded = estimate(shape, "bitdistiller", config, workers=8, teacher_shard=True, **kw)
+    assert sharded.components["teacher"] == math.ceil(shape.params * 4 / 8) \
+        + 2 * shape.layer_params * 4
+    assert sharded.phases["train"] < eight.phases["train"]
+    # CAKLD's gamma is estimated in the run's own process on whole batches, whatever the workers
+    assert eight.components["gamma"] == one.components["gamma"] > 0
     # the micro-batch of 8 sequences is the global one: 1 sequence per worker
     assert eight.components["logits"] == pytest.approx(one.components["logits"] / 8, rel=1e-6)
     # fp32 master weights + grads + AdamW: 16 bytes per trainable parameter (6.5B)

@@ -1,10 +1,12 @@
 """One run's training on several Ray Train workers with FSDP2 (harness.train.distributed).
 
 The end-to-end test starts a two-node Ray cluster on this machine (``ray start --head``, then a
-second raylet with ``ray start --address``, one CPU each), trains the same quick qat run in one
-process and, through ``--ray-address``, on 2 gloo workers (one per node), kills one worker
-mid-training, resumes on 1 worker from the sharded checkpoint, and compares the store with the
-single-process run: same curve, same perplexity, one finished row.
+second raylet with ``ray start --address``, one CPU each), runs the same quick bitdistiller run
+(clipping init, teacher data, CAKLD against the frozen teacher) in one process and, through
+``--ray-address``, on 2 gloo workers (one per node) that sample the teacher data and hold the
+teacher sharded; kills one worker mid-training, resumes on 1 worker from the sharded checkpoint,
+and compares with the single-process run: the same teacher data, the same curve, the same
+perplexity, one finished row.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ from harness.train.distributed import check_distributable, worker_share
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
-ARGS = ["run", "--methods", "qat", "--model", "tiny-llama", "--no-fp", "--tasks", "",
+# 65 teacher samples: two generation batches of 64 prompts, so each worker samples one
+ARGS = ["run", "--methods", "bitdistiller", "--model", "tiny-llama", "--no-fp", "--tasks", "",
         "--max-eval-tokens", "256", "--seq-len", "128", "--set", f"train.steps={STEPS}",
         "--set", "train.checkpoint_every=2", "--set", "train.seq_len=32",
-        "--set", "train.batch_size=3", "--set", "data=corpus", "--set", "calib_samples=2",
+        "--set", "train.batch_size=3", "--set", "train.teacher_samples=65",
+        "--set", "train.teacher_new_tokens=8", "--set", "calib_samples=2",
         "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2",
-        "--set", "train.holdout=0.1", "--set", "train.select_best=true",
+        "--set", "train.holdout=0.02", "--set", "train.select_best=true",
         "--set", "train.eval_every=2"]  # the held-out selection's state crosses the resume
 # on the workers: 3 sequences over 2 workers in pieces of 1 (rank 1 runs an empty piece,
-# weighted 0); the one held-out sequence leaves rank 1 without held-out rows
-PIECES = ["--set", "train.micro_batch=1"]
+# weighted 0); the one held-out sample's blocks leave rank 1 without held-out rows in the last
+# held-out batch; the teacher sharded over the workers
+ON_WORKERS = ["--set", "train.micro_batch=1", "--set", "train.teacher_shard=true"]
 
 # Ray starts the workers from this interpreter's environment: PYTHONPATH puts this module first,
 # and it makes rank 1 SIGKILL itself when it takes the batch of FAULT_KILL_AT_STEP (0-based).
@@ -139,7 +144,29 @@ def _query(db: Path, sql: str) -> list[tuple]:
 def _env(tmp_path: Path, **extra) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **extra}
+            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]),
+            "HARNESS_CACHE": str(_fresh_teacher_cache(tmp_path)), **extra}
+
+
+def _fresh_teacher_cache(tmp_path: Path) -> Path:
+    """A cache folder with no teacher data (the workers must sample it) that shares the rest
+    (corpus, models, tokens) with this process's cache."""
+    from harness.paths import cache_dir
+
+    root = tmp_path / "cache"
+    if not root.exists():
+        root.mkdir()
+        for entry in cache_dir().iterdir():
+            if entry.name != "teacher":
+                (root / entry.name).symlink_to(entry)
+    return root
+
+
+def _teacher_file(cache: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    [path] = (cache / "teacher").iterdir()
+    return load_file(str(path))["sequences"]
 
 
 def _harness(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -208,12 +235,15 @@ def _curve_and_ppl(db: Path) -> tuple[list[tuple[int, float]], float, str, str]:
 
 
 def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_process_run(
-        tmp_path, two_nodes, cli):
+        tmp_path, two_nodes, cli, monkeypatch):
+    from harness.train import teacher_data
+
     plain_db, dist_db = tmp_path / "plain.db", tmp_path / "dist.db"
+    monkeypatch.setattr(teacher_data, "cache_dir", lambda: tmp_path / "plain-cache")
     code, _, err = cli(*ARGS, "--db", f"sqlite:///{plain_db}", "--output-dir",
                        tmp_path / "plain")  # in this process: no Ray, no fault hook
     assert code == 0, err[-3000:]
-    argv = [*ARGS, *PIECES, "--db", f"sqlite:///{dist_db}", "--output-dir",
+    argv = [*ARGS, *ON_WORKERS, "--db", f"sqlite:///{dist_db}", "--output-dir",
             str(tmp_path / "dist")]
     remote = ["--ray-address", two_nodes]
 
@@ -222,6 +252,11 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     [(status, error)] = _query(dist_db, "SELECT status, error FROM runs")
     assert status == "failed" and "rerun to resume" in error, error
     assert "worker" in error and "\n" not in error, error  # one line, naming what failed
+    # the teacher data: sampled by the 2 workers, what this process sampled alone
+    [(sampled_on,)] = _query(dist_db, "SELECT value FROM metrics "
+                                      "WHERE name = 'teacher_data_workers'")
+    assert sampled_on == 2
+    assert torch.equal(_teacher_file(tmp_path / "cache"), _teacher_file(tmp_path / "plain-cache"))
     [run_dir] = (tmp_path / "dist").iterdir()
     state = (run_dir / "checkpoint-sharded" / "state.json").read_text()
     assert '"step": 2' in state and '"workers": 2' in state
@@ -245,6 +280,7 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     for name in ("holdout_loss", "holdout_loss_last"):  # at step 2, then after the resume
         assert metrics[name] == pytest.approx(ref[name], rel=1e-3)
     assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
+    assert metrics["train_teacher_sharded"] == 1 and "train_teacher_sharded" not in ref
     assert 100 < metrics["peak_rss_mb_train_worker"] < 20_000  # the worker's, in MB
 
 
