@@ -38,7 +38,8 @@ ARGS = ["run", "--methods", "bitdistiller", "--model", "tiny-llama", "--no-fp", 
         "--set", "train.teacher_new_tokens=8", "--set", "calib_samples=2",
         "--set", "calib_seq_len=32", "--set", "clip_tokens=32", "--set", "clip_grid=2",
         "--set", "train.holdout=0.02", "--set", "train.select_best=true",
-        "--set", "train.eval_every=2"]  # the held-out selection's state crosses the resume
+        "--set", "train.eval_every=2",  # the held-out selection's state crosses the resume
+        "--set", "train.lr=1e-3"]  # the held-out loss rises after step 2: step 2 is selected
 # on the workers: 3 sequences over 2 workers in pieces of 1 (rank 1 runs an empty piece,
 # weighted 0); the one held-out sample's blocks leave rank 1 without held-out rows in the last
 # held-out batch; the teacher sharded over the workers
@@ -273,10 +274,14 @@ def test_two_nodes_two_workers_killed_then_resumed_on_one_equal_the_single_proce
     assert [s for s, _ in steps] == list(range(1, STEPS + 1))  # the whole curve, once
     for (_, a), (_, b) in zip(steps, ref_steps, strict=True):
         assert a == pytest.approx(b, rel=1e-3)
-    assert ppl == pytest.approx(ref_ppl, rel=5e-3)
+    # 1e-4, not the 0.5% the same result needs: the last step's weights give a PPL 0.14%
+    # off the selected step's, which this must tell apart
+    assert ppl == pytest.approx(ref_ppl, rel=1e-4)
     metrics = dict(_query(dist_db, "SELECT name, value FROM metrics WHERE task = ''"))
     ref = dict(_query(plain_db, "SELECT name, value FROM metrics WHERE task = ''"))
-    assert metrics["best_step"] == ref["best_step"]
+    # the best step's weights, gathered at step 2 and kept in the sharded checkpoint, are the
+    # ones evaluated after the resumed run's last step
+    assert metrics["best_step"] == ref["best_step"] == 2
     for name in ("holdout_loss", "holdout_loss_last"):  # at step 2, then after the resume
         assert metrics[name] == pytest.approx(ref[name], rel=1e-3)
     assert metrics["resumed_from_step"] == 2 and metrics["train_workers"] == 1
