@@ -162,14 +162,13 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     if workers and workers > 1:  # the teacher data, if missing, sampled on as many devices
         from harness.train.worker_generation import WorkerSampler  # imports Ray on use
 
-        sampler = WorkerSampler(spec.model, workers, dev.type == "cuda", ray_address)
+        sampler = WorkerSampler(spec.model, workers, dev.type == "cuda", ray_address,
+                                on_sampled=lambda n: recorder.metric("teacher_data_workers", n))
     ctx = build_context(spec, method, model, tokenizer, recorder, run_dir, dev, sampler)
     with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
     with _Timer(recorder, "objective", peaks):  # teacher data and CAKLD's gamma come here
         objective = method.objective(ctx)
-    if sampler is not None and sampler.sampled:
-        recorder.metric("teacher_data_workers", sampler.workers)
     if objective is not None:
         for name, value in objective.metrics.items():
             recorder.metric(name, value)

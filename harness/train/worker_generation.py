@@ -10,6 +10,7 @@ are those one process would sample, whatever N.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -31,18 +32,17 @@ def _sample_part(model: str, prompts: torch.Tensor, batches: list[int], sampling
 
 class WorkerSampler:
     """A :data:`~harness.train.teacher_data.Sampler` that spreads the batches over ``workers``
-    Ray tasks, one GPU (or one CPU) each, each loading ``model`` as the teacher. ``sampled``
-    says whether it ran (the data may have been cached).
+    Ray tasks, one GPU (or one CPU) each, each loading ``model`` as the teacher;
+    ``on_sampled(workers)`` is called once the data are sampled (not when they were cached).
 
     Calling it raises HarnessError (one line) when a worker fails or dies; nothing is cached
     then, and the rerun samples again.
     """
 
-    def __init__(self, model: str, workers: int, use_gpu: bool,
-                 ray_address: str | None = None) -> None:
+    def __init__(self, model: str, workers: int, use_gpu: bool, ray_address: str | None = None,
+                 on_sampled: Callable[[int], None] | None = None) -> None:
         self.model, self.workers, self.use_gpu = model, workers, use_gpu
-        self.ray_address = ray_address
-        self.sampled = False
+        self.ray_address, self.on_sampled = ray_address, on_sampled
 
     def __call__(self, prompts: torch.Tensor, new_tokens: int, temperature: float, seed: int,
                  top_k: int, top_p: float, batch_size: int) -> torch.Tensor:
@@ -68,5 +68,6 @@ class WorkerSampler:
         for part, seqs in zip(parts, results, strict=True):
             for i, b in enumerate(part):  # only a part's last batch can be short
                 rows[b] = seqs[i * batch_size : (i + 1) * batch_size]
-        self.sampled = True
+        if self.on_sampled is not None:
+            self.on_sampled(len(parts))
         return torch.cat([rows[b] for b in range(n)])
