@@ -236,12 +236,10 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
             * int(train["seq_len"])
         c["weights"] = math.ceil(full / w)  # training alone is sharded
         if w > 1 and not gpu:
-            # each worker receives the whole prepared model before sharding it: the object
-            # store's pages it read stay mapped (shared memory, in its RSS), and unpickling
-            # leaves about two copies in its heap (measured: SmolLM2's 515 MiB of weights raised
-            # a worker's RssShmem by 513 MiB and RssAnon by 979 MiB, which sharding did not
-            # give back). On a GPU the shards alone reach the device.
-            c["weights"] += 3 * full
+            # rank 0 reads the whole prepared weights from the file the run's process wrote
+            # and broadcasts them (harness.train.model_transfer): the largest worker holds them
+            # once besides its shards. On a GPU the shards alone reach the device.
+            c["weights"] += full
         c["grads"] = math.ceil(trainable * 4 / w)
         c["adamw"] = math.ceil(trainable * 8 / w)
         extra = 0
@@ -302,7 +300,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
     phases["eval"] = full + (whole_teacher if train is None or w == 1 else 0) + c["eval"]
     if not gpu:
         if train is not None and w > 1:
-            # it put the prepared model into the object store: those pages are in its RSS
+            # it wrote the prepared weights for the workers: safetensors serializes them
+            # through a host copy, whose freed pages the retained heap keeps
             phases["eval"] += full
         # harness.host_memory keeps the heap a process frees (for speed), and evaluation's
         # buffers land on top of what the earlier phases left: measured, a trained SmolLM2

@@ -83,5 +83,18 @@ def worker_failure_line(exc: BaseException, workers: int, job: str, then: str) -
             return text.split(marker, 1)[1].strip().splitlines()[0]
     died = any(w in text for w in ("died", "ActorDiedError", "exited", "SIGKILL", "killed"))
     what = f"a {job} worker died" if died else f"{job} on the workers failed"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = _raised(text.splitlines()) or (lines[0] if lines else type(exc).__name__)
     return f"{what} ({workers} workers: {first[:200]}); {then}"
+
+
+def _raised(lines: list[str]) -> str | None:
+    """The exception line of the first traceback in ``lines`` (the worker's own error, where
+    Ray's message quotes it), or None."""
+    inside = False
+    for line in lines:
+        if line.startswith("Traceback"):
+            inside = True
+        elif inside and line.strip() and not line[0].isspace():
+            return line.strip()
+    return None

@@ -1,11 +1,13 @@
 """One run's training on N workers: Ray Train starts them, FSDP2 shards the model.
 
 The run's own process (the driver of this run) prepares the model as always (calibration,
-clipping, GPTQ's Hessians: computed once), builds the training data, and ships the prepared
-model, the objective and the data to ``N`` workers that :class:`ray.train.torch.TorchTrainer`
-starts (gloo on CPUs, NCCL on GPUs). Each worker shards every decoder layer and the root with
-``torch.distributed.fsdp.fully_shard`` (parameters, gradients and AdamW's moments are split N
-ways), and trains on its share of each global batch. Rank 0 writes the gathered trained
+clipping, GPTQ's Hessians: computed once), builds the training data, writes the prepared
+weights to one file and ships the model's skeleton (:mod:`harness.train.model_transfer`), the
+objective and the data to ``N`` workers that :class:`ray.train.torch.TorchTrainer` starts (gloo
+on CPUs, NCCL on GPUs). Each worker shards every decoder layer and the root with
+``torch.distributed.fsdp.fully_shard`` while they are on the meta device (parameters,
+gradients and AdamW's moments are split N ways), takes its shards of the weights that rank 0
+reads and broadcasts, and trains on its share of each global batch. Rank 0 writes the gathered trained
 parameters back to the run folder; the driver loads them, records the training curve, and
 finalizes and evaluates the gathered model as a single-process run would.
 
@@ -49,6 +51,7 @@ from harness.errors import HarnessError, require_module
 from harness.ray_cluster import worker_failure_line, workers_ready
 from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
+from harness.train.model_transfer import from_skeleton, materialize, skeleton, write_weights
 from harness.train.trainer import (
     CHECKPOINT_DIR,
     SHARDED_CHECKPOINT_DIR,
@@ -68,6 +71,7 @@ from harness.train.trainer import (
 log = logging.getLogger(__name__)
 
 RESULT_DIR = "distributed-result"
+INPUT_DIR = "distributed-input"  # the prepared weights the workers load their shards from
 
 
 def check_distributable(cfg: TrainConfig, workers: int) -> None:
@@ -254,14 +258,15 @@ def _worker_loop(config: dict) -> None:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    model, objective, data, held = ray.get(config["payload"])
+    skeleton, data, held = ray.get(config["payload"])
+    model, objective = from_skeleton(skeleton)  # the model's weights on the meta device
     cfg: TrainConfig = config["cfg"]
     run_dir = Path(config["run_dir"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     names = {n for n, _ in trainable_parameters(model)}
     enable_grad_checkpointing(model, cfg)
-    _shard(model)  # on the host: FSDP2 moves only this worker's shards to the mesh's device
-    model.to(device)
+    _shard(model)
+    materialize(model, device, Path(config["weights"]), rank)  # only this worker's shards
     teacher = None
     if objective.needs_teacher:  # frozen, forward only: a whole copy, or 1/N (teacher_shard)
         teacher, _ = load_model(config["model"], device="cpu" if cfg.teacher_shard else device)
@@ -390,13 +395,15 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     out = Path(ctx.run_dir) / RESULT_DIR
     shutil.rmtree(out, ignore_errors=True)
     held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
-    payload = ray.put((model.to("cpu"), objective, data.cpu(), held))
+    weights = Path(ctx.run_dir).resolve() / INPUT_DIR / "model.safetensors"
+    write_weights(model.to("cpu"), weights)
+    payload = ray.put((skeleton(model, objective), data.cpu(), held))
     if torch.cuda.is_available():  # what this process freed would stay reserved on the GPU
         gc.collect()               # where worker 0 trains
         torch.cuda.empty_cache()
     config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
               "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
-              "spec_hash": ctx.spec.spec_hash(),
+              "spec_hash": ctx.spec.spec_hash(), "weights": str(weights),
               "threads": 0 if use_gpu else max(1, (os.cpu_count() or 1) // workers)}
     trainer = _trainer_class()(
         _worker_loop, train_loop_config=config,
@@ -412,6 +419,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
                                                "from the last sharded checkpoint")) from None
     finally:
         del payload
+        shutil.rmtree(weights.parent, ignore_errors=True)
     result = json.loads((out / "result.json").read_text())
     trained = load_file(str(out / "params.safetensors"))
     names = {n for n, _ in trainable_parameters(model)}

@@ -322,3 +322,20 @@ def test_uneven_shares_and_pieces_give_the_global_batch_step(tiny_copy, batch, w
     for i, ref in enumerate(ref_grads):
         mean = sum(grads[i] for _, grads in results) / workers
         torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_workers_error_line_quotes_its_own_exception():
+    from harness.ray_cluster import worker_failure_line
+
+    ray_text = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\n"
+                "Traceback (most recent call last):\n  File \"w.py\", line 3, in loop\n"
+                "    step()\nValueError: not enough values to unpack (expected 6, got 5)\n")
+    line = worker_failure_line(RuntimeError(ray_text), 2, "training", "rerun to resume")
+    assert line == ("training on the workers failed (2 workers: ValueError: not enough values "
+                    "to unpack (expected 6, got 5)); rerun to resume")
+    died = worker_failure_line(RuntimeError("The actor died unexpectedly before finishing"), 2,
+                               "teacher-data", "rerun to sample them again")
+    assert died.startswith("a teacher-data worker died (2 workers: The actor died")
+    harness = worker_failure_line(RuntimeError("x\nHarnessError: train.lr is NaN; fix it\n"), 2,
+                                  "training", "rerun")
+    assert harness == "train.lr is NaN; fix it"  # the harness's own line, as it is
