@@ -222,8 +222,8 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         teacher_shard = bool(train and train.get("teacher_shard"))
     if teacher and train is not None and w > 1 and teacher_shard and gpu:
         # fp32 shards (FSDP2 holds them: no bf16 copies), each layer gathered whole around its
-        # forward and the next one's gather in flight. On the CPU the worker loads the whole
-        # teacher on its host before sharding it: that peak stays.
+        # forward and the next one's gather in flight. On the CPU rank 0 (the largest worker)
+        # loads the whole teacher on its host and broadcasts it: that peak stays.
         c["teacher"] = math.ceil(P * 4 / w) + 2 * shape.layer_params * 4
     if train is not None:
         trainable = shape.trainable_params(train.get("trainable", "non_embedding"))
@@ -395,7 +395,7 @@ def plan_teacher(spec, shape: ModelShape, device_type: str, workers: int,
         return spec, False
     sharded = _with_train(spec, teacher_shard=True)
     if estimate_spec(sharded, shape, device_type, workers).total >= whole.total:
-        return spec, False  # the CPU: a worker loads the whole teacher before sharding it
+        return spec, False  # the CPU: rank 0 loads the whole teacher to broadcast it
     return sharded, True
 
 

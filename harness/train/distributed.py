@@ -51,7 +51,14 @@ from harness.errors import HarnessError, require_module
 from harness.ray_cluster import worker_failure_line, workers_ready
 from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
-from harness.train.model_transfer import from_skeleton, materialize, skeleton, write_weights
+from harness.train.model_transfer import (
+    as_skeleton,
+    materialize,
+    read_weights,
+    revive,
+    sharded_from_rank0,
+    write_weights,
+)
 from harness.train.trainer import (
     CHECKPOINT_DIR,
     SHARDED_CHECKPOINT_DIR,
@@ -158,6 +165,12 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def _is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -258,24 +271,23 @@ def _worker_loop(config: dict) -> None:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    skeleton, data, held = ray.get(config["payload"])
-    model, objective = from_skeleton(skeleton)  # the model's weights on the meta device
+    (model, objective), data, held = ray.get(config["payload"])  # the model: on meta
+    revive(model)
     cfg: TrainConfig = config["cfg"]
     run_dir = Path(config["run_dir"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     names = {n for n, _ in trainable_parameters(model)}
     enable_grad_checkpointing(model, cfg)
     _shard(model)
-    materialize(model, device, Path(config["weights"]), rank)  # only this worker's shards
+    materialize(model, device,  # only this worker's shards
+                read_weights(Path(config["weights"])) if rank == 0 else {})
     teacher = None
     if objective.needs_teacher:  # frozen, forward only: a whole copy, or 1/N (teacher_shard)
-        teacher, _ = load_model(config["model"], device="cpu" if cfg.teacher_shard else device)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        teacher.eval()
-        if cfg.teacher_shard:
-            _shard(teacher)
-            teacher.to(device)
+        if cfg.teacher_shard:  # only rank 0 loads it
+            teacher = sharded_from_rank0(lambda: _frozen(load_model(config["model"])[0]),
+                                         device, rank, _shard)
+        else:
+            teacher = _frozen(load_model(config["model"], device=device)[0])
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -397,7 +409,8 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
     weights = Path(ctx.run_dir).resolve() / INPUT_DIR / "model.safetensors"
     write_weights(model.to("cpu"), weights)
-    payload = ray.put((skeleton(model, objective), data.cpu(), held))
+    with as_skeleton(model):  # the objective in the same pickle: state they share stays shared
+        payload = ray.put(((model, objective), data.cpu(), held))
     if torch.cuda.is_available():  # what this process freed would stay reserved on the GPU
         gc.collect()               # where worker 0 trains
         torch.cuda.empty_cache()

@@ -3,28 +3,28 @@
 Shipped whole through Ray's object store, every worker held the model about three times
 before sharding it (the store's pages, and unpickling's copies: measured on SmolLM2, see
 docs/RESULTS.md): for a 7B model some 80 GB of host memory per worker. Instead the run's
-process writes the weights once to a safetensors file and sends a *skeleton*: the model
-pickled with every tensor of its state dict replaced by a meta tensor of the same shape (the
-modules, their settings and their other tensors, e.g. rotary tables, travel as they are).
+process writes the weights once to a safetensors file and sends a *skeleton*: the model with
+every tensor of its state dict swapped for a meta tensor of the same shape while Ray pickles it
+(:func:`as_skeleton`; the modules, their settings and their other tensors, e.g. rotary tables,
+travel as they are).
 Each worker rebuilds the skeleton, shards it with FSDP2 while it is still on the meta device,
 allocates only its shards, and rank 0 reads the file and broadcasts it tensor by tensor, each
-worker keeping its part (``set_model_state_dict(..., broadcast_from_rank0=True)``).
+worker keeping its part (``set_model_state_dict(..., broadcast_from_rank0=True)``). A sharded
+teacher comes the same way from rank 0, which alone loads it.
 """
 
 from __future__ import annotations
 
-import io
+import copy
 import json
-import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-
-_META = "harness-meta-tensor"
-
 
 def write_weights(model: nn.Module, path: Path) -> None:
     """The model's state dict in ``path``; a tensor shared under several names (a tied
@@ -53,50 +53,37 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def skeleton(model: nn.Module, *others) -> bytes:
-    """``(model, *others)`` pickled with the model's state dict's tensors as meta-tensor
-    placeholders. Objects that share state with the model (an objective whose ``on_step``
-    sets a value its layers read) go in the same pickle, so they still share it."""
-    from ray import cloudpickle  # pickles what plain pickle cannot (a method's local classes)
-
-    in_state = {id(t) for t in model.state_dict(keep_vars=True).values()}
-
-    class Pickler(cloudpickle.CloudPickler):
-        def persistent_id(self, obj):
-            if isinstance(obj, torch.Tensor) and id(obj) in in_state:
-                # id: pickle's memo does not cover persistent ids, and a tensor seen twice (a
-                # tied lm_head) must come back as one
-                return (_META, id(obj), tuple(obj.shape), str(obj.dtype).removeprefix("torch."),
-                        isinstance(obj, nn.Parameter), obj.requires_grad)
-            return None
-
-    buf = io.BytesIO()
-    Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump((model, *others))
-    return buf.getvalue()
-
-
-def from_skeleton(data: bytes) -> tuple:
-    """``(model, *others)`` of :func:`skeleton`, the model's state dict's tensors on the meta
-    device, each tensor shared before shared again."""
-
-    made: dict[int, torch.Tensor] = {}
-
-    class Unpickler(pickle.Unpickler):
-        def persistent_load(self, pid):
-            tag, key, shape, dtype, is_param, requires_grad = pid
-            if tag != _META:
-                raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
-            if key not in made:
-                t = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
-                made[key] = nn.Parameter(t, requires_grad=requires_grad) if is_param else t
-            return made[key]
-
-    return Unpickler(io.BytesIO(data)).load()
+@contextmanager
+def as_skeleton(model: nn.Module) -> Iterator[nn.Module]:
+    """While open, ``model``'s parameters and persistent buffers (its state dict) are meta
+    tensors of the same shapes, one per original tensor (a tied lm_head stays tied); pickle it
+    then (``ray.put``, ``broadcast_object_list``) to send its skeleton. Objects that share state
+    with the model (an objective whose ``on_step`` sets a value its layers read) go into the same
+    pickle, so they still share it. The originals are back when the context closes."""
+    metas: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    for mod in model.modules():
+        for table, skip in ((mod._parameters, set()), (mod._buffers,
+                                                       mod._non_persistent_buffers_set)):
+            for name, t in table.items():
+                if t is None or name in skip:
+                    continue
+                if id(t) not in metas:
+                    meta = torch.empty_like(t, device="meta")
+                    metas[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else meta
+                swapped.append((table, name, t))
+                table[name] = metas[id(t)]
+    try:
+        yield model
+    finally:
+        for table, name, t in swapped:
+            table[name] = t
 
 
-def materialize(model: nn.Module, device: torch.device, weights: Path, rank: int) -> None:
-    """Allocates the (sharded) ``model``'s tensors on ``device`` and fills them from
-    ``weights``, which only rank 0 reads; every worker must call it."""
+def materialize(model: nn.Module, device: torch.device, full: dict[str, torch.Tensor]) -> None:
+    """Allocates the (sharded) ``model``'s tensors on ``device`` and fills them from ``full``,
+    rank 0's whole state dict (``{}`` on the other ranks); every worker must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     # to_empty reallocates every buffer: the ones that travelled with the skeleton come back
@@ -105,6 +92,40 @@ def materialize(model: nn.Module, device: torch.device, weights: Path, rank: int
     model.to_empty(device=device)
     for mod, name, buf in kept:
         mod._buffers[name] = buf.to(device)
-    full = read_weights(weights) if rank == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
+
+
+def sharded_from_rank0(load, device: torch.device, rank: int, shard) -> nn.Module:
+    """A model only rank 0 loads (``load()``, on the host), sharded over every worker by
+    ``shard`` with each worker allocating only its shards: the others rebuild it from rank 0's
+    skeleton. Every worker must call it."""
+    import torch.distributed as dist
+
+    whole = load() if rank == 0 else None
+    box = [None]
+    if rank == 0:
+        with as_skeleton(whole):
+            box[0] = copy.deepcopy(whole)  # meta tensors: nothing of size is copied
+    dist.broadcast_object_list(box, src=0)
+    model = revive(box[0])
+    shard(model)
+    materialize(model, device, whole.state_dict() if rank == 0 else {})
+    return model
+
+
+def revive(model: nn.Module) -> nn.Module:
+    """A model unpickled in a fresh process, made to record what it records in the process that
+    built it. transformers (5.x) keeps what each model class can record (hidden states,
+    attentions) in a process-wide registry that ``PreTrainedModel.__init__`` fills; unpickling
+    runs no ``__init__``, so until some model of that class is built in the process, asking for
+    hidden states returns None (OneBit's loss needs them)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers: nothing to do, or nothing we know how to do
+        return model
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+    return model

@@ -52,13 +52,13 @@ def test_too_short_is_an_error():
         perplexity(Uniform(5), torch.randint(0, 5, (10,)), seq_len=100)
 
 
-def test_forwards_build_no_kv_cache(tiny, monkeypatch):
+def test_forwards_build_no_kv_cache(tiny_copy, monkeypatch):
     """PPL and training call the model with use_cache=False (transformers otherwise fills a
     cache nobody reads: ops and memory per layer); models without a cache get no such flag."""
     from harness.models import no_cache
     from harness.train.trainer import _forward
 
-    model, _ = tiny
+    model, _ = tiny_copy  # the hook must not stay on the shared model
     assert no_cache(Uniform(5)) == {}
     seen = []
     model.register_forward_hook(lambda m, args, kwargs, out: seen.append(
