@@ -53,10 +53,10 @@ from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
 from harness.train.model_transfer import (
     as_skeleton,
+    from_rank0,
     materialize,
     read_weights,
     revive,
-    sharded_from_rank0,
     write_weights,
 )
 from harness.train.trainer import (
@@ -283,11 +283,8 @@ def _worker_loop(config: dict) -> None:
                 read_weights(Path(config["weights"])) if rank == 0 else {})
     teacher = None
     if objective.needs_teacher:  # frozen, forward only: a whole copy, or 1/N (teacher_shard)
-        if cfg.teacher_shard:  # only rank 0 loads it
-            teacher = sharded_from_rank0(lambda: _frozen(load_model(config["model"])[0]),
-                                         device, rank, _shard)
-        else:
-            teacher = _frozen(load_model(config["model"], device=device)[0])
+        teacher = from_rank0(lambda: _frozen(load_model(config["model"])[0]), device, rank,
+                             _shard if cfg.teacher_shard else None)  # only rank 0 reads it
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.betas, weight_decay=cfg.weight_decay)

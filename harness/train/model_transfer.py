@@ -9,8 +9,8 @@ every tensor of its state dict swapped for a meta tensor of the same shape while
 travel as they are).
 Each worker rebuilds the skeleton, shards it with FSDP2 while it is still on the meta device,
 allocates only its shards, and rank 0 reads the file and broadcasts it tensor by tensor, each
-worker keeping its part (``set_model_state_dict(..., broadcast_from_rank0=True)``). A sharded
-teacher comes the same way from rank 0, which alone loads it.
+worker keeping its part (``set_model_state_dict(..., broadcast_from_rank0=True)``). The teacher
+comes the same way from rank 0, which alone loads it, sharded or whole.
 """
 
 from __future__ import annotations
@@ -96,10 +96,11 @@ def materialize(model: nn.Module, device: torch.device, full: dict[str, torch.Te
         full_state_dict=True, broadcast_from_rank0=True))
 
 
-def sharded_from_rank0(load, device: torch.device, rank: int, shard) -> nn.Module:
-    """A model only rank 0 loads (``load()``, on the host), sharded over every worker by
-    ``shard`` with each worker allocating only its shards: the others rebuild it from rank 0's
-    skeleton. Every worker must call it."""
+def from_rank0(load, device: torch.device, rank: int, shard=None) -> nn.Module:
+    """A model only rank 0 loads (``load()``, on the host), on every worker's ``device``: the
+    others rebuild it from rank 0's skeleton and its broadcast weights. With ``shard`` (applied
+    on the meta device) each worker allocates only its shards; without, a whole copy. Every
+    worker must call it."""
     import torch.distributed as dist
 
     whole = load() if rank == 0 else None
@@ -109,7 +110,8 @@ def sharded_from_rank0(load, device: torch.device, rank: int, shard) -> nn.Modul
             box[0] = copy.deepcopy(whole)  # meta tensors: nothing of size is copied
     dist.broadcast_object_list(box, src=0)
     model = revive(box[0])
-    shard(model)
+    if shard is not None:
+        shard(model)
     materialize(model, device, whole.state_dict() if rank == 0 else {})
     return model
 

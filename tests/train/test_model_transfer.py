@@ -8,9 +8,9 @@ import torch
 
 from harness.train.model_transfer import (
     as_skeleton,
+    from_rank0,
     materialize,
     read_weights,
-    sharded_from_rank0,
     write_weights,
 )
 
@@ -60,11 +60,13 @@ def test_skeleton_and_weights_rebuild_the_model_shard_by_shard(tiny_copy, tmp_pa
         with torch.no_grad():
             # the rotary table that to_empty reallocated is put back: the same outputs
             torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
-            # a sharded teacher: loaded by rank 0 alone, the other ranks rebuilt from its
-            # skeleton (here one rank: the broadcast path all the same)
-            teacher = sharded_from_rank0(lambda: model, torch.device("cpu"), 0, _shard)
-            assert teacher is not model and not teacher.training
-            torch.testing.assert_close(teacher(ids).logits, model(ids).logits, rtol=0, atol=0)
+            # the teacher: loaded by rank 0 alone, the other ranks rebuilt from its skeleton
+            # (here one rank: the broadcast path all the same), sharded or whole
+            for shard in (_shard, None):
+                teacher = from_rank0(lambda: model, torch.device("cpu"), 0, shard)
+                assert teacher is not model and not teacher.training
+                torch.testing.assert_close(teacher(ids).logits, model(ids).logits, rtol=0,
+                                           atol=0)
     finally:
         dist.destroy_process_group()
 
