@@ -263,13 +263,10 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         phases["train"] = (c["weights"] + c["teacher"] + c["grads"] + c["adamw"] + extra
                            + acts + c["logits"])
         if method == "bitdistiller" and config.get("gamma") in ("paper", "code"):
-            # estimate_gamma keeps the fp32 teacher logits of its first 11 batches (the
-            # teacher outside training autocast: fp32 weights), + one log-softmax; in the
-            # run's own process, whole batches (not a worker's share)
-            batches = min(11, max(1, int(train.get("teacher_samples", 64))
-                                  // int(train["batch_size"])))
-            c["gamma"] = ((batches + 1) * int(train["batch_size"]) * int(train["seq_len"])
-                          * shape.vocab * 4)
+            # estimate_gamma takes the fp32 teacher's (outside training autocast) logits of
+            # one batch at a time, + their log-softmax; in the run's own process, whole
+            # batches (not a worker's share)
+            c["gamma"] = 2 * int(train["batch_size"]) * int(train["seq_len"]) * shape.vocab * 4
             phases["objective"] = full + P * 4 + c["gamma"]
     else:
         c.update(grads=0, adamw=0, fake_quant=0, activations=0, logits=0)

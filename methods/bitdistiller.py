@@ -36,13 +36,16 @@ def estimate_gamma(variant: str, ctx, batch_size: int, data_kind: str = "teacher
     for both variants."""
     data = ctx.train_batches(data_kind)
     teacher = ctx.teacher()
-    logits = []
-    for i in range(min(GAMMA_BATCHES, max(1, data.size(0) // batch_size))):
-        ids = data[i * batch_size : (i + 1) * batch_size].to(ctx.device)
-        logits.append((teacher(ids, **no_cache(teacher)).logits[:, :-1].float(), ids[:, 1:]))
+    n = min(GAMMA_BATCHES, max(1, data.size(0) // batch_size))
+
+    def batches():  # one batch's fp32 logits alive at a time (a 7B batch of 8 x 1024: 1 GB)
+        for i in range(n):
+            ids = data[i * batch_size : (i + 1) * batch_size].to(ctx.device)
+            yield teacher(ids, **no_cache(teacher)).logits[:, :-1].float(), ids[:, 1:]
+
     if variant == "paper":
-        return float(sum(gamma_paper(lg, lb) for lg, lb in logits) / len(logits))
-    return float(gamma_code([lg for lg, _ in logits]))
+        return float(sum(gamma_paper(lg, lb) for lg, lb in batches()) / n)
+    return float(gamma_code(lg for lg, _ in batches()))
 
 
 @register_method("bitdistiller")

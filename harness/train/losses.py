@@ -24,7 +24,7 @@ next-token one); its JSD uses ``log`` of the mixed probabilities (here a stable 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -283,7 +283,7 @@ def gamma_paper(teacher_logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def gamma_code(teacher_logits_batches: Sequence[torch.Tensor], cakld_steps: int = 10) -> float:
+def gamma_code(teacher_logits_batches: Iterable[torch.Tensor], cakld_steps: int = 10) -> float:
     """CAKLD gamma as BitDistiller's ``train/train.py`` computes it.
 
     The reference loops over batches with ``if step > cakld_steps: break`` (so it sees
@@ -293,7 +293,8 @@ def gamma_code(teacher_logits_batches: Sequence[torch.Tensor], cakld_steps: int 
     1. Reproduced exactly, including with fewer batches (still divided by ``cakld_steps``).
 
     Args:
-        teacher_logits_batches: the teacher's ``[B, T, V]`` logits of each batch.
+        teacher_logits_batches: the teacher's ``[B, T, V]`` logits of each batch (any
+            iterable: a generator keeps one batch alive at a time).
         cakld_steps: the reference's ``--cakld_steps`` (default 10).
 
     Returns:
