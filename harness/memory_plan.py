@@ -384,22 +384,15 @@ def plan_teacher(spec, shape: ModelShape, device_type: str, workers: int,
     fit the device and the shards need less (the same teacher outputs, not in the run key).
     Every other spec comes back as it is."""
     train = _train_of(spec.config)
-    if (train is None or workers < 2 or train.get("teacher_shard") is not None
-            or not _has_teacher(spec)):
+    if train is None or workers < 2 or train.get("teacher_shard") is not None:
         return spec, False
     whole = estimate_spec(spec, shape, device_type, workers)
-    if whole.total <= device_bytes:
+    if not whole.components["teacher"] or whole.total <= device_bytes:  # no teacher, or fits
         return spec, False
     sharded = _with_train(spec, teacher_shard=True)
     if estimate_spec(sharded, shape, device_type, workers).total >= whole.total:
         return spec, False  # the CPU: rank 0 loads the whole teacher to broadcast it
     return sharded, True
-
-
-def _has_teacher(spec) -> bool:
-    from harness.registry import build_method
-
-    return bool(build_method(spec).needs().teacher_model)
 
 
 def fit_to_device(specs, device: str | None, device_mem_gib: float | None,

@@ -152,6 +152,13 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model, tok
 
 
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` as a teacher: no parameter takes gradients, eval mode."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def _check_path(name: str) -> None:
     """Local paths: must exist, be a checkpoint folder, and have readable weight files."""
     path = Path(name).expanduser()

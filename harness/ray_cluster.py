@@ -74,6 +74,12 @@ def workers_ready(workers: int, use_gpu: bool, ray_address: str | None) -> None:
                            f"or add nodes")
 
 
+def threads_per_worker(workers: int, use_gpu: bool) -> int:
+    """torch threads for each of a run's ``workers`` on this machine's cores (0: torch's default,
+    for GPU workers)."""
+    return 0 if use_gpu else max(1, (os.cpu_count() or 1) // workers)
+
+
 def worker_failure_line(exc: BaseException, workers: int, job: str, then: str) -> str:
     """One line from Ray's error about a run's workers doing ``job``: the worker's own
     exception where it raised one, else what happened to it, and ``then`` (what to do)."""
@@ -83,8 +89,9 @@ def worker_failure_line(exc: BaseException, workers: int, job: str, then: str) -
             return text.split(marker, 1)[1].strip().splitlines()[0]
     died = any(w in text for w in ("died", "ActorDiedError", "exited", "SIGKILL", "killed"))
     what = f"a {job} worker died" if died else f"{job} on the workers failed"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = _raised(text.splitlines()) or (lines[0] if lines else type(exc).__name__)
+    lines = text.splitlines()
+    first = _raised(lines) or next((line.strip() for line in lines if line.strip()),
+                                   type(exc).__name__)
     return f"{what} ({workers} workers: {first[:200]}); {then}"
 
 

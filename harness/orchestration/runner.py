@@ -23,7 +23,7 @@ from harness.eval import ppl_data
 from harness.eval.memory import model_memory, reset_peaks, window_peaks
 from harness.eval.ppl import perplexity
 from harness.export import save_packed
-from harness.models import load_model
+from harness.models import frozen, load_model
 from harness.registry import build_method
 from harness.train.config import TrainConfig
 from harness.train.data import training_blocks
@@ -83,10 +83,7 @@ def build_context(spec: RunSpec, method: Method, model, tokenizer, recorder, run
 
     def teacher():
         if "teacher" not in cache:
-            t, _ = load_model(spec.model, device=device)
-            for p in t.parameters():
-                p.requires_grad_(False)
-            cache["teacher"] = t.eval()
+            cache["teacher"] = frozen(load_model(spec.model, device=device)[0])
         return cache["teacher"]
 
     def train_batches(source: str) -> torch.Tensor:

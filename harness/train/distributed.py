@@ -18,7 +18,8 @@ gradients, so the step equals the single-process step up to summation order. A s
 than ``train.micro_batch`` is taken in pieces with accumulated gradients. The run key does not
 contain N (``train_workers`` is a metric).
 
-The teacher (distillation) is a whole copy on every worker, or with ``train.teacher_shard``
+The teacher (distillation), loaded by rank 0 alone and broadcast, is a whole copy on every
+worker, or with ``train.teacher_shard``
 (which the memory plan sets when a copy per worker does not fit) sharded like the model: each
 layer gathered around its forward, the same outputs. Teacher data missing from the cache is
 sampled before training on as many devices (:mod:`harness.train.worker_generation`).
@@ -38,7 +39,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.api import Objective, RunContext
 from harness.errors import HarnessError, require_module
-from harness.ray_cluster import worker_failure_line, workers_ready
+from harness.ray_cluster import threads_per_worker, worker_failure_line, workers_ready
 from harness.train.config import TrainConfig
 from harness.train.data import holdout_source
 from harness.train.model_transfer import (
@@ -165,12 +165,6 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def _is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -263,7 +257,7 @@ def _worker_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from harness.eval.memory import reset_peaks, window_peaks
-    from harness.models import load_model
+    from harness.models import frozen, load_model
     from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 
     rank, workers = dist.get_rank(), dist.get_world_size()
@@ -283,7 +277,7 @@ def _worker_loop(config: dict) -> None:
                 read_weights(Path(config["weights"])) if rank == 0 else {})
     teacher = None
     if objective.needs_teacher:  # frozen, forward only: a whole copy, or 1/N (teacher_shard)
-        teacher = from_rank0(lambda: _frozen(load_model(config["model"])[0]), device, rank,
+        teacher = from_rank0(lambda: frozen(load_model(config["model"])[0]), device, rank,
                              _shard if cfg.teacher_shard else None)  # only rank 0 reads it
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -414,7 +408,7 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
               "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
               "spec_hash": ctx.spec.spec_hash(), "weights": str(weights),
-              "threads": 0 if use_gpu else max(1, (os.cpu_count() or 1) // workers)}
+              "threads": threads_per_worker(workers, use_gpu)}
     trainer = _trainer_class()(
         _worker_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,

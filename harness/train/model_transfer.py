@@ -26,18 +26,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+
 def write_weights(model: nn.Module, path: Path) -> None:
     """The model's state dict in ``path``; a tensor shared under several names (a tied
     lm_head) is written once, the other names recorded as its aliases."""
-    kept: dict[int, str] = {}
+    kept: dict[tuple, str] = {}  # (storage, offset, shape) -> the name written
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if hash(key) in kept:
-            aliases[name] = kept[hash(key)]
+        if key in kept:
+            aliases[name] = kept[key]
             continue
-        kept[hash(key)] = name
+        kept[key] = name
         tensors[name] = t.detach().to("cpu").contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})

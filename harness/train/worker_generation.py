@@ -9,14 +9,13 @@ are those one process would sample, whatever N.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
 from harness.errors import HarnessError
-from harness.ray_cluster import worker_failure_line, workers_ready
-from harness.train.teacher_data import Sampler, batch_count, generate
+from harness.ray_cluster import threads_per_worker, worker_failure_line, workers_ready
+from harness.train.teacher_data import batch_count, generate
 
 
 def _sample_part(model: str, prompts: torch.Tensor, batches: list[int], sampling: dict,
@@ -53,7 +52,7 @@ class WorkerSampler:
         parts = [list(range(r, n, self.workers)) for r in range(min(self.workers, n))]
         sampling = dict(new_tokens=new_tokens, temperature=temperature, seed=seed, top_k=top_k,
                         top_p=top_p, batch_size=batch_size)
-        threads = 0 if self.use_gpu else max(1, (os.cpu_count() or 1) // self.workers)
+        threads = threads_per_worker(self.workers, self.use_gpu)
         task = ray.remote(_sample_part).options(num_gpus=1 if self.use_gpu else 0,
                                                 num_cpus=0 if self.use_gpu else 1,
                                                 max_retries=0)
