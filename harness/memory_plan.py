@@ -265,9 +265,11 @@ def estimate(shape: ModelShape, method: str, config: dict[str, Any], *, eval_seq
         if method == "bitdistiller" and config.get("gamma") in ("paper", "code"):
             # estimate_gamma takes the fp32 teacher's (outside training autocast) logits of
             # one batch at a time, + their log-softmax; in the run's own process, whole
-            # batches (not a worker's share)
+            # batches (not a worker's share). With GPU workers the student waits in host
+            # memory meanwhile (runner._park_on_host)
             c["gamma"] = 2 * int(train["batch_size"]) * int(train["seq_len"]) * shape.vocab * 4
-            phases["objective"] = full + P * 4 + c["gamma"]
+            student = 0 if gpu and w > 1 else full
+            phases["objective"] = student + P * 4 + c["gamma"]
     else:
         c.update(grads=0, adamw=0, fake_quant=0, activations=0, logits=0)
     c.setdefault("gamma", 0)

@@ -137,6 +137,15 @@ def evaluate(model, tokenizer, spec: RunSpec, recorder, progress: bool = True) -
     return out
 
 
+def _park_on_host(model: torch.nn.Module) -> None:
+    """A run trained by GPU workers keeps its prepared student in host memory from here on: the
+    workers read it from a file this process writes from the host, and the GPU it would sit on
+    is where this process loads the teacher (teacher data, CAKLD's gamma) and where worker 0
+    trains (the memory plan counts no student in the objective phase of such a run)."""
+    model.to("cpu")
+    torch.cuda.empty_cache()
+
+
 def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
                 device: str | None = None, progress: bool = True, workers: int | None = None,
                 ray_address: str | None = None) -> dict:
@@ -164,8 +173,13 @@ def execute_run(spec: RunSpec, recorder, output_dir: str | Path = "runs",
     ctx = build_context(spec, method, model, tokenizer, recorder, run_dir, dev, sampler)
     with _Timer(recorder, "prepare", peaks):
         model = method.prepare(model, ctx)
+    parked = bool(workers) and dev.type == "cuda"
+    if parked:  # see _park_on_host
+        _park_on_host(model)
     with _Timer(recorder, "objective", peaks):  # teacher data and CAKLD's gamma come here
         objective = method.objective(ctx)
+    if parked and objective is None:
+        model.to(dev)
     if objective is not None:
         for name, value in objective.metrics.items():
             recorder.metric(name, value)

@@ -147,6 +147,24 @@ def test_sharding_over_8_workers_fits_80gb():
         "non_embedding")
 
 
+def test_with_gpu_workers_the_gamma_step_holds_the_teacher_but_not_the_student():
+    """The run's own process estimates CAKLD's gamma with the student parked in host memory
+    when GPU workers train it (runner._park_on_host); alone, or on the CPU, it holds both."""
+    shape = ModelShape.from_config(LlamaConfig(**{k: v for k, v in LLAMA2_7B.items()
+                                                  if k not in ("architectures", "model_type")}))
+    config = {"gamma": "paper", "train": BD_TRAIN}
+    kw = dict(eval_seq_len=2048, teacher=True, calibration=(16, 512))
+    full = shape.params * 4
+    one = estimate(shape, "bitdistiller", config, workers=1, device_type="cuda", **kw)
+    eight = estimate(shape, "bitdistiller", config, workers=8, device_type="cuda", **kw)
+    cpu = estimate(shape, "bitdistiller", config, workers=8, device_type="cpu", **kw)
+    assert one.phases["objective"] - eight.phases["objective"] == full
+    assert cpu.phases["objective"] - cpu.components["runtime"] == \
+        one.phases["objective"] - one.components["runtime"]
+    # so on 8 GPUs the peak is a worker's training, no longer the gamma step (53.16 GiB)
+    assert eight.phase == "train" and eight.total < 47 * GiB
+
+
 def test_activations_checkpointing_keeps_one_residual_per_layer():
     shape = ModelShape(vocab=100, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16,
                        intermediate=128, tied=True)
