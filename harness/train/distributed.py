@@ -150,7 +150,12 @@ def gathered_trainable(model, names: set[str], rank: int) -> dict[str, torch.Ten
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     full = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
-    return {n: t.contiguous() for n, t in full.items() if n in names} if rank == 0 else {}
+    if rank != 0:
+        return {}
+    # copies: a worker with nothing to gather (one worker on the CPU) is handed its parameters
+    # themselves, which later steps would change under the kept best step. One at a time.
+    return {n: full.pop(n).detach().clone(memory_format=torch.contiguous_format)
+            for n in list(full) if n in names}
 
 
 def _shard(model: torch.nn.Module) -> None:
@@ -251,25 +256,38 @@ def _options(**kw):
 
 
 def _worker_loop(config: dict) -> None:
-    """Body of each Ray Train worker (module-level: Ray pickles it by reference)."""
+    """Body of each Ray Train worker (module-level: Ray pickles it by reference): what Ray
+    gives it (the payload, its device), then :func:`train_shard`."""
     import ray
     import ray.train
+
+    from harness.eval.memory import reset_peaks
+
+    reset_peaks()
+    (model, objective), data, held = ray.get(config["payload"])  # the model: on meta
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    train_shard(model, objective, data, held, config, device)
+
+
+def train_shard(model: torch.nn.Module, objective: Objective, data: torch.Tensor,
+                held: torch.Tensor | None, config: dict, device: torch.device) -> None:
+    """One worker's part of a run's training, in the process group its launcher initialized
+    (Ray Train's; tests start one without Ray): shards ``model`` (a skeleton on the meta
+    device), takes its shards of the weights file, trains its rows of every batch, and rank 0
+    writes the trained parameters and the curve to ``run_dir/distributed-result``."""
     import torch.distributed as dist
 
-    from harness.eval.memory import reset_peaks, window_peaks
+    from harness.eval.memory import window_peaks
     from harness.models import frozen, load_model
     from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 
     rank, workers = dist.get_rank(), dist.get_world_size()
-    reset_peaks()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    (model, objective), data, held = ray.get(config["payload"])  # the model: on meta
     revive(model)
     cfg: TrainConfig = config["cfg"]
     run_dir = Path(config["run_dir"])
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     names = {n for n, _ in trainable_parameters(model)}
     enable_grad_checkpointing(model, cfg)
     _shard(model)
