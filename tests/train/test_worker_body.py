@@ -105,4 +105,9 @@ def test_one_worker_trains_what_one_process_trains(tiny, tmp_path, device, shard
     trained = dict(trainable_parameters(one))
     assert set(params) == set(trained)
     for name, value in params.items():
-        torch.testing.assert_close(value, trained[name].detach().cpu(), rtol=rel, atol=rel / 10)
+        mine = trained[name].detach().cpu()
+        if dev.type == "cpu":
+            torch.testing.assert_close(value, mine, rtol=1e-5, atol=1e-6)
+        else:  # AdamW moves each weight by about lr a step, and by its sign where bf16 noise
+            # rules the gradient: most weights agree, a whole step apart none would
+            assert (value - mine).abs().mean() < 0.2 * cfg.lr, name
