@@ -40,6 +40,7 @@ import gc
 import json
 import logging
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -255,6 +256,21 @@ def _options(**kw):
     return StateDictOptions(**kw)
 
 
+def _check_run_folder(weights: Path, rank: int) -> None:
+    """Every worker writes its checkpoint shards into the run folder and rank 0 reads the
+    weights there: a worker that does not see the file the run's process wrote is on a node
+    that does not share that folder.
+
+    Raises:
+        HarnessError: the weights file is missing here (naming this node).
+    """
+    if not weights.exists():
+        raise HarnessError(
+            f"worker {rank} on {socket.gethostname()} does not see the run folder "
+            f"{weights.parent.parent} that the run's process wrote; put --output-dir on "
+            f"storage every node mounts at the same path")
+
+
 def _worker_loop(config: dict) -> None:
     """Body of each Ray Train worker (module-level: Ray pickles it by reference): what Ray
     gives it (the payload, its device), then :func:`train_shard`."""
@@ -282,6 +298,7 @@ def train_shard(model: torch.nn.Module, objective: Objective, data: torch.Tensor
     from harness.train.autocast import autocast_dtype, frozen_linears_in, training_autocast
 
     rank, workers = dist.get_rank(), dist.get_world_size()
+    _check_run_folder(Path(config["weights"]), rank)
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])

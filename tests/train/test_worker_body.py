@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 
 import pytest
@@ -111,3 +112,22 @@ def test_one_worker_trains_what_one_process_trains(tiny, tmp_path, device, shard
         else:  # AdamW moves each weight by about lr a step, and by its sign where bf16 noise
             # rules the gradient: most weights agree, a whole step apart none would
             assert (value - mine).abs().mean() < 0.2 * cfg.lr, name
+
+
+def test_a_worker_that_does_not_see_the_run_folder_names_the_node_and_the_fix(tmp_path):
+    """A node that does not mount the run folder (multi-node without shared storage) would
+    write its checkpoint shards where no other worker reads them: it stops in one line."""
+    import torch.distributed as dist
+
+    from harness.errors import HarnessError
+
+    config = {"weights": str(tmp_path / "run" / "distributed-input" / "model.safetensors")}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(HarnessError, match=rf"worker 0 on {socket.gethostname()} does not "
+                           rf"see the run folder {re.escape(str(tmp_path / 'run'))} .*"
+                           rf"--output-dir on storage every node"):
+            train_shard(None, None, None, None, config, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
