@@ -72,7 +72,7 @@ def _on_one_worker(model, objective, ctx, cfg, backend: str, device) -> tuple[di
     config = {"cfg": cfg, "run_dir": str(ctx.run_dir), "model": "tiny-llama", "seed": 0,
               "spec_hash": ctx.spec.spec_hash(), "weights": str(weights), "threads": 0}
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
-                            world_size=1, device_id=device if device.type == "cuda" else None)
+                            world_size=1)
     try:
         train_shard(skeleton, obj, data, held, config, device)
     finally:
