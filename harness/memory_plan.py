@@ -154,6 +154,14 @@ class Estimate:
     def total(self) -> int:
         return max(self.phases.values())
 
+    @property
+    def where(self) -> str:
+        """The phase of the peak and the process that reaches it: with workers, training is
+        theirs (each worker's share), every other phase the run's own process's."""
+        if self.workers > 1:
+            return f"{self.phase}, {'each worker' if self.phase == 'train' else 'run process'}"
+        return self.phase
+
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
     """Bytes one decoder layer saves for backward, for ``tokens`` tokens.
@@ -476,9 +484,9 @@ def plan_table(rows: list[tuple[Any, Estimate, Estimate | None]], device_bytes: 
         out.append([spec.run_key, spec.method, est.workers,
                     *(_gib(c[k]) + (" sharded" if k == "teacher" and sharded and c[k] else "")
                       for k in COLUMNS[3:14]),
-                    f"{_gib(est.total)} ({est.phase})",
+                    f"{_gib(est.total)} ({est.where})",
                     "-" if ckpt is None else _gib(ckpt.components["activations"]),
-                    "-" if ckpt is None else f"{_gib(ckpt.total)} ({ckpt.phase})",
+                    "-" if ckpt is None else f"{_gib(ckpt.total)} ({ckpt.where})",
                     _gib(device_bytes), "yes" if est.total <= device_bytes else "NO"])
     return table(list(COLUMNS[:3]) + [f"{k} GiB" for k in COLUMNS[3:14]]
                  + ["peak GiB (phase)", "activations ckpt GiB", "peak ckpt GiB (phase)",
@@ -544,7 +552,7 @@ def dry_run(specs, device: str | None, device_mem_gib: float | None, workers: in
         more = f" (and {len(too_big) - 1} more run(s))" if len(too_big) > 1 else ""
         raise HarnessError(
             f"run {spec.run_key} ({spec.method}) needs about {_gib(est.total)} GiB per device "
-            f"at its {est.phase} peak with {est.workers} worker(s) but {device_type} has "
+            f"at its peak ({est.where}) with {est.workers} worker(s) but {device_type} has "
             f"{_gib(device_bytes)} GiB ({source}){more}; options: "
             f"{ways_out(spec, shapes[spec.model], device_type, workers, device_bytes)}")
     note = (f"Estimated peak memory per device ({device_type}, {_gib(device_bytes)} GiB from "

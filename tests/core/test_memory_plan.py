@@ -117,6 +117,9 @@ def test_llama2_7b_bitdistiller_refused_on_one_80gb_gpu_accepted_on_8(tmp_path, 
     assert _plan_7b(tmp_path / "eight", 8) == 0
     out = capsys.readouterr().out
     assert re.search(r"bitdistiller .* yes\s*$", out, re.M), out
+    # whose peak it is: a worker's in training, the run's own process's in evaluation
+    assert re.search(r"bitdistiller .*\(train, each worker\)", out), out
+    assert re.search(r"fp .*\(eval, run process\)", out), out
 
 
 def test_sharding_over_8_workers_fits_80gb():
