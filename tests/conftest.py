@@ -107,6 +107,41 @@ def tiny():
     return load_model("tiny-llama")
 
 
+def _fingerprint(model) -> str:
+    """Everything a test could leave changed on a model: values, dtypes, devices and
+    requires_grad of its tensors (buffers too), module types, train/eval mode, hooks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    with torch.no_grad():
+        for name, t in tensors:  # sums, not every byte: a test's change moves them, cheaper
+            x = t.detach().float()
+            h.update(f"{name}:{t.dtype}:{t.device}:{t.requires_grad}:{tuple(t.shape)}:"
+                     f"{x.sum().item()!r}:{torch.dot(x.reshape(-1), x.reshape(-1)).item()!r}".encode())
+    for name, m in model.named_modules():
+        hooks = sum(len(getattr(m, a, {})) for a in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+            "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+        h.update(f"{name}:{type(m).__qualname__}:{m.training}:{hooks}".encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _shared_tiny_unchanged(request):
+    """The session's tiny model is shared: a test that changes it changes the tests after it
+    (a hook left on it once made an unrelated test fail). Such a test errors here; it should
+    take ``tiny_copy``."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("tiny")[0]
+    before = _fingerprint(model)
+    yield
+    assert _fingerprint(model) == before, (
+        f"{request.node.nodeid} changed the session's shared tiny model; take tiny_copy")
+
+
 @pytest.fixture
 def tiny_copy(tiny):
     import copy
