@@ -30,7 +30,9 @@ def cmd_run(args) -> int:
     _check_scheduler_flags(args, scheduler, distributed=bool(experiment.train_workers))
     if experiment.train_workers:
         _check_distributable(specs, experiment.train_workers)
-    if scheduler != "ray":  # runs start from this process: plan them for its device
+    # runs start from this process (always those with workers: their own process is this
+    # one, their workers train on its kind of device): plan them for its device
+    if scheduler != "ray" or experiment.train_workers:
         specs = _fit_to_device(specs, args, experiment.train_workers or 1)
         _check_task_data(specs)  # a Ray worker's dataset cache may be another machine's
         from harness.eval.ppl_data import check_available

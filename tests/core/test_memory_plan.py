@@ -110,6 +110,23 @@ def test_the_plan_shards_the_teacher_where_a_whole_copy_per_worker_does_not_fit(
     assert "sharded" not in capsys.readouterr().out
 
 
+def test_a_ray_scheduled_file_with_workers_is_fitted_before_it_starts(tmp_path, cli):
+    """The papers' files schedule with Ray, but a run with workers starts from this process:
+    it is fitted to the device as its dry-run says (here the sharded teacher), not only
+    planned. (No GPU here: the run then stops at --device cuda.)"""
+    folder = tmp_path / "llama2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
+    code, out, err = cli("run", "experiments/llama2-7b-onebit.yaml", "--model", folder,
+                         "--methods", "onebit", "--no-fp", "--tasks", "", "--ppl-data",
+                         "shakespeare", "--device", "cuda", "--gpus-per-run", "4",
+                         "--device-mem", "68", "--db", f"sqlite:///{tmp_path / 'h.db'}",
+                         "--output-dir", tmp_path / "runs")
+    assert code != 0
+    assert re.search(r"onebit\): a whole teacher on each of the 4 workers does not fit cuda "
+                     r"\(68\.00 GiB.*train\.teacher_shard=true", out), out + err
+
+
 def test_llama2_7b_bitdistiller_refused_on_one_80gb_gpu_accepted_on_8(tmp_path, capsys):
     assert _plan_7b(tmp_path / "one", 1) == 2
     err = capsys.readouterr().err
