@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_TYPO = "no-such-org-zz/no-such-model-zz"
@@ -117,12 +118,6 @@ def hub_stub():
     yield f"http://127.0.0.1:{server.server_address[1]}", server.paths
     server.shutdown()
     server.server_close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hub_env(endpoint: str, home: Path) -> dict:
@@ -283,7 +278,7 @@ def _cases(root: Path, hub_url: str) -> dict[str, Case]:
         "unknown hub model": Case(hub, f"model '{HUB_TYPO}' is not on the Hugging Face hub",
                                   _hub_env(hub_url, hf_home)),
         "hub unreachable": Case(hub, "not in the Hugging Face cache and the hub is unreachable",
-                                _hub_env(f"http://127.0.0.1:{_closed_port()}", hf_home)),
+                                _hub_env(f"http://127.0.0.1:{free_port()}", hf_home)),
         "hub model while offline": Case(hub, "not in the Hugging Face cache and HF_HUB_OFFLINE "
                                              "is set"),
         "malformed yaml": Case(["run", bad_yaml, "--scheduler", "inline"], "malformed YAML"),
@@ -320,7 +315,7 @@ def _cases(root: Path, hub_url: str) -> dict[str, Case]:
                               "--device cuda:99"),
         # Ray's own connect retries for minutes; the harness asks the port once
         "ray cluster unreachable": Case([*run, "--methods", "rtn", "--scheduler", "ray",
-                                         "--ray-address", f"127.0.0.1:{_closed_port()}", *QUICK],
+                                         "--ray-address", f"127.0.0.1:{free_port()}", *QUICK],
                                         "no Ray cluster answers at --ray-address"),
         "ray flag without ray": Case([*run, "--methods", "rtn", "--gpus-per-run", "1", *QUICK],
                                      "only applies to the Ray scheduler"),

@@ -403,6 +403,31 @@ def _trainer_class():
     return Trainer
 
 
+def worker_inputs(model: torch.nn.Module, objective: Objective, cfg: TrainConfig,
+                  ctx: RunContext) -> tuple[Path, torch.Tensor, torch.Tensor | None]:
+    """What the workers read, made once in the run's own process: ``(weights file, training
+    batches, held-out batches or None)``, the batches on the host. Marks the trainable
+    parameters, lets the teacher go (the workers load their own; this one would sit on the
+    first GPU while they train) and writes the prepared weights to ``run_dir/distributed-input``
+    (:func:`~harness.train.model_transfer.write_weights`), leaving the model on the host."""
+    trainable_for(model, cfg)
+    data = ctx.train_batches(objective.data).cpu()
+    held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
+    if ctx.release_teacher is not None:
+        ctx.release_teacher()
+    weights = Path(ctx.run_dir).resolve() / INPUT_DIR / "model.safetensors"
+    write_weights(model.to("cpu"), weights)
+    return weights, data, held
+
+
+def worker_config(cfg: TrainConfig, ctx: RunContext, weights: Path, workers: int,
+                  use_gpu: bool) -> dict:
+    """What :func:`train_shard` reads besides the model, the objective and the batches."""
+    return {"cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()), "model": ctx.spec.model,
+            "seed": ctx.spec.seed, "spec_hash": ctx.spec.spec_hash(), "weights": str(weights),
+            "threads": threads_per_worker(workers, use_gpu)}
+
+
 def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainConfig,
                       ctx: RunContext, workers: int, use_gpu: bool = False,
                       ray_address: str | None = None) -> dict:
@@ -423,27 +448,19 @@ def train_distributed(model: torch.nn.Module, objective: Objective, cfg: TrainCo
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    trainable_for(model, cfg)
-    data = ctx.train_batches(objective.data)
-    if ctx.release_teacher is not None:  # the workers load their own; this one would sit on
-        ctx.release_teacher()            # the first GPU while they train
     workers_ready(workers, use_gpu, ray_address)
     import ray
 
     out = Path(ctx.run_dir) / RESULT_DIR
     shutil.rmtree(out, ignore_errors=True)
-    held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
-    weights = Path(ctx.run_dir).resolve() / INPUT_DIR / "model.safetensors"
-    write_weights(model.to("cpu"), weights)
+    weights, data, held = worker_inputs(model, objective, cfg, ctx)
     with as_skeleton(model):  # the objective in the same pickle: state they share stays shared
-        payload = ray.put(((model, objective), data.cpu(), held))
+        payload = ray.put(((model, objective), data, held))
     if torch.cuda.is_available():  # what this process freed would stay reserved on the GPU
         gc.collect()               # where worker 0 trains
         torch.cuda.empty_cache()
-    config = {"payload": payload, "cfg": cfg, "run_dir": str(Path(ctx.run_dir).resolve()),
-              "use_gpu": use_gpu, "model": ctx.spec.model, "seed": ctx.spec.seed,
-              "spec_hash": ctx.spec.spec_hash(), "weights": str(weights),
-              "threads": threads_per_worker(workers, use_gpu)}
+    config = {"payload": payload, "use_gpu": use_gpu,
+              **worker_config(cfg, ctx, weights, workers, use_gpu)}
     trainer = _trainer_class()(
         _worker_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,

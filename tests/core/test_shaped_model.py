@@ -55,7 +55,7 @@ def test_shaped_measure_runs_the_papers_settings_and_projects_their_protocols(tm
     (model / "config.json").write_text(json.dumps(config))
     for method, protocol, seq in (("bitdistiller", {"steps": 200, "grad_accum": 16}, 1024),
                                   ("onebit", {"steps": 2000, "grad_accum": 4}, 1024)):
-        path, got = sm.experiment_file(method, model, 3, ["train.seq_len=64"], tmp_path)
+        path, got, _ = sm.experiment_file(method, model, 3, ["train.seq_len=64"], tmp_path)
         assert got == protocol
         [spec] = [s for s in plan_runs(Experiment.from_yaml(path)) if s.method == method]
         train = spec.config["train"]

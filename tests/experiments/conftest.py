@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.net import free_port
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +23,7 @@ def ray_head(tmp_path_factory) -> str:
     ray_cli = Path(sys.executable).with_name("ray")
     ray_cli = str(ray_cli) if ray_cli.exists() else shutil.which("ray")
     assert ray_cli, "the `ray` command of the Ray package is missing"
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0",

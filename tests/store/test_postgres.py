@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psycopg  # noqa: F401  (a dev dependency: imported, never skipped)
 import pytest
+
+from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +29,6 @@ def _bin_dir() -> Path | None:
         return Path(os.path.realpath(found)).parent
     dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     return Path(dirs[-1]) if dirs else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def pg_url(tmp_path_factory):
         os.chmod(root, 0o755)
         for parent in list(root.parents)[:3]:  # pytest temp dirs are 0700
             os.chmod(parent, os.stat(parent).st_mode | 0o711)
-    port = _free_port()
+    port = free_port()
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "harness",
                     "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
     subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 from harness.errors import HarnessError
 from harness.train.config import TrainConfig
 from harness.train.distributed import check_distributable, worker_share
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -175,12 +175,6 @@ def _harness(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           env=_env(tmp_path), capture_output=True, text=True, timeout=400)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def two_nodes(tmp_path):
     """A head and a second raylet, one CPU each, started the way a user starts a cluster; their
@@ -189,7 +183,7 @@ def two_nodes(tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     ray = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = _env(tmp_path, FAULT_KILL_AT_STEP="2")
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]

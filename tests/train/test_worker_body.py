@@ -20,26 +20,15 @@ from harness.api import NullRecorder
 from harness.config import EvalSpec, RunSpec
 from harness.orchestration.runner import build_context
 from harness.registry import build_method
-from harness.train.data import holdout_source
-from harness.train.distributed import RESULT_DIR, train_shard
-from harness.train.model_transfer import as_skeleton, write_weights
-from harness.train.trainer import (
-    SHARDED_CHECKPOINT_DIR,
-    train,
-    trainable_for,
-    trainable_parameters,
-)
+from harness.train.distributed import RESULT_DIR, train_shard, worker_config, worker_inputs
+from harness.train.model_transfer import as_skeleton
+from harness.train.trainer import SHARDED_CHECKPOINT_DIR, train, trainable_parameters
+from tests.helpers.net import free_port
 
 TRAIN = {"steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "checkpoint_every": 2,
          "holdout": 0.1, "eval_every": 1, "select_best": True}
 QAT_KD = {"bits": 2, "fmt": "intfz", "loss": "fkl", "data": "corpus", "calib_samples": 2,
           "calib_seq_len": 32, "clip_tokens": 32, "clip_grid": 2, "train": TRAIN}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prepared(tiny, tmp_path, device, shard_teacher: bool):
@@ -57,21 +46,17 @@ def _prepared(tiny, tmp_path, device, shard_teacher: bool):
 
 
 def _on_one_worker(model, objective, ctx, cfg, backend: str, device) -> tuple[dict, dict]:
-    """What the run's process and one worker do in train_distributed, Ray left out: the weights
-    file, the skeleton (copied as Ray pickles it: meta tensors, shared state kept), then
-    train_shard in a process group of one. Returns (trained parameters, result.json)."""
+    """What the run's process and one worker do in train_distributed, Ray left out: the inputs
+    and the config it makes, the skeleton (copied as Ray pickles it: meta tensors, shared state
+    kept), then train_shard in a process group of one. Returns (trained parameters,
+    result.json)."""
     import torch.distributed as dist
 
-    trainable_for(model, cfg)
-    weights = ctx.run_dir / "distributed-input" / "model.safetensors"
-    write_weights(model.to("cpu"), weights)
+    weights, data, held = worker_inputs(model, objective, cfg, ctx)
     with as_skeleton(model):
         skeleton, obj = copy.deepcopy((model, objective))
-    data = ctx.train_batches(objective.data).cpu()
-    held = ctx.train_batches(holdout_source(objective.data)).cpu() if cfg.holdout else None
-    config = {"cfg": cfg, "run_dir": str(ctx.run_dir), "model": "tiny-llama", "seed": 0,
-              "spec_hash": ctx.spec.spec_hash(), "weights": str(weights), "threads": 0}
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
+    config = worker_config(cfg, ctx, weights, 1, device.type == "cuda")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         train_shard(skeleton, obj, data, held, config, device)
@@ -122,7 +107,7 @@ def test_a_worker_that_does_not_see_the_run_folder_names_the_node_and_the_fix(tm
     from harness.errors import HarnessError
 
     config = {"weights": str(tmp_path / "run" / "distributed-input" / "model.safetensors")}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         with pytest.raises(HarnessError, match=rf"worker 0 on {socket.gethostname()} does not "
