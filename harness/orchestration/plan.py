@@ -87,7 +87,7 @@ def _grid_specs(exp: Experiment, check_model: bool) -> list[RunSpec]:
             keys = method_keys(method)
             sets = {k: v for k, v in exp.sets.items() if k in keys}
             for point in _grid_points(keys, {**exp.grid, **entry.grid}):
-                over = _merge(_merge(entry.config, point), sets)
+                over = deep_merge(deep_merge(entry.config, point), sets)
                 for seed in exp.seeds:
                     with _located(source, f"methods.{method}"):
                         spec = build_spec(model, method, over, profile, seed, eval_over,
@@ -134,11 +134,11 @@ def _grid_points(keys: set[str], axes: dict[str, list[Any]]) -> list[dict[str, A
             for combo in itertools.product(*(axes[k] for k in names))]
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Deep merge, so ``train: {steps: 1}`` keeps the other training settings of ``base``."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
