@@ -15,7 +15,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker takes one core: two workers of two threads each on two cores
+# spin against each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -125,6 +128,17 @@ def _fingerprint(model) -> str:
             "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"))
         h.update(f"{name}:{type(m).__qualname__}:{m.training}:{hooks}".encode())
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _threads_unchanged(request):
+    """torch's thread count is this process's: a test that changes it (a worker body run
+    in-process sets its share) changes the summation order of every test after it."""
+    before = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == before, (
+        f"{request.node.nodeid} changed torch's thread count {before} -> "
+        f"{torch.get_num_threads()}; restore it")
 
 
 @pytest.fixture(autouse=True)

@@ -56,12 +56,17 @@ def _on_one_worker(model, objective, ctx, cfg, backend: str, device) -> tuple[di
     with as_skeleton(model):
         skeleton, obj = copy.deepcopy((model, objective))
     config = worker_config(cfg, ctx, weights, 1, device.type == "cuda")
+    # A worker takes its share of the cores; here it shares this process, which trained the
+    # reference with the threads it has (one under pytest-xdist): the same count, the same sums
+    threads = torch.get_num_threads()
+    config["threads"] = threads
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         train_shard(skeleton, obj, data, held, config, device)
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)
     out = ctx.run_dir / RESULT_DIR
     return load_file(str(out / "params.safetensors")), json.loads((out / "result.json").read_text())
 
