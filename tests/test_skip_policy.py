@@ -47,14 +47,14 @@ def _suite(tmp_path: Path, **files: str) -> Path:
     return tmp_path
 
 
-def _pytest(folder: Path, ci: bool) -> subprocess.CompletedProcess:
+def _pytest(folder: Path, ci: bool, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci:
         env["CI"] = "true"
     env["CUDA_VISIBLE_DEVICES"] = ""  # the gpu tier skips even on a machine with a GPU
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(folder)], cwd=folder, env=env, capture_output=True, text=True,
-                          timeout=120)
+                           *args, str(folder)], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.fixture
@@ -62,8 +62,10 @@ def mixed(tmp_path):
     return _suite(tmp_path, gpu=GPU_ONLY, inside=SKIPS_INSIDE, on_import=SKIPS_ON_IMPORT)
 
 
-def test_ci_fails_on_a_skip_outside_the_allow_list(mixed):
-    res = _pytest(mixed, ci=True)
+# make test runs on pytest-xdist workers: their skips reach the controller's accounting
+@pytest.mark.parametrize("args", [(), ("-n", "2")], ids=["serial", "xdist"])
+def test_ci_fails_on_a_skip_outside_the_allow_list(mixed, args):
+    res = _pytest(mixed, True, *args)
     assert res.returncode == 1, res.stdout[-3000:]
     assert "CI=true: 2 skip(s) outside the allow-list" in res.stdout
     assert "chromium is not installed  [NOT ALLOWED in CI]" in res.stdout
