@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-# Under pytest-xdist each worker takes one core: two workers of two threads each on two cores
-# spin against each other.
+# Under pytest-xdist (make test) each worker's torch takes its share of the cores: two workers
+# of two threads each on two cores spin against each other.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
