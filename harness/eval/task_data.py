@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import data
-from harness.paths import cache_dir, private_tmp
+from harness.paths import cache_dir, replaced
 
 # Bump when the selection rules or the templates change: a new folder is built beside the old.
 TASK_DATA_VERSION = 1
@@ -180,14 +180,11 @@ def tasks_dir() -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name in OFFLINE_TASKS:
-        tmp = private_tmp(out / f"{name}.jsonl")
-        with tmp.open("w", encoding="utf-8") as f:
+        with replaced(out / f"{name}.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
             for doc in build_docs(name):
                 f.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")
-        tmp.replace(out / f"{name}.jsonl")
         template = (TEMPLATES / f"{name}.yaml").read_text(encoding="utf-8")
-        yaml = private_tmp(out / f"{name}.yaml")
-        yaml.write_text(template.replace(DATA_DIR_TOKEN, str(out)), encoding="utf-8")
-        yaml.replace(out / f"{name}.yaml")
+        with replaced(out / f"{name}.yaml") as tmp:
+            tmp.write_text(template.replace(DATA_DIR_TOKEN, str(out)), encoding="utf-8")
     done.touch()
     return out

@@ -26,7 +26,7 @@ from harness.config import default_profile, get_profile
 from harness.devices import pick_device
 from harness.errors import HarnessError
 from harness.models import load_model
-from harness.paths import cache_dir, private_tmp
+from harness.paths import cache_dir, replaced
 from harness.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,11 @@ def teacher_sequences(model_name: str, teacher, tokenizer, samples: int, new_tok
     else:
         seqs = sampler(prompts, new_tokens, temperature, seed, top_k, top_p, GENERATE_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    save_file({"sequences": seqs.contiguous()}, str(tmp),
-              metadata={"model": model_name, "temperature": str(temperature),
-                        "top_k": str(top_k), "top_p": str(top_p),
-                        "new_tokens": str(new_tokens), "seed": str(seed)})
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        save_file({"sequences": seqs.contiguous()}, str(tmp),
+                  metadata={"model": model_name, "temperature": str(temperature),
+                            "top_k": str(top_k), "top_p": str(top_p),
+                            "new_tokens": str(new_tokens), "seed": str(seed)})
     return seqs
 
 
