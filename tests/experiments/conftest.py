@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.net import free_port
+from tests.helpers.net import RAY_TOKEN_ENV, free_port
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def ray_head(tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="token")
+               **RAY_TOKEN_ENV)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [ray_cli, "start", "--head", "--block", f"--port={port}",

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.net import RAY_TOKEN_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
 
-# `ray start` turns on token authentication; a driver joining it says so (the token itself is
-# read from ~/.ray/auth_token, where the head wrote it)
-ENV = dict(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="token")
+# the `ray_head` cluster uses token authentication: a driver joining it brings the same token
+ENV = dict(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **RAY_TOKEN_ENV)
 
 
 def harness(*args, **kw):
