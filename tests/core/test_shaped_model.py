@@ -68,4 +68,3 @@ def test_shaped_measure_runs_the_papers_settings_and_projects_their_protocols(tm
         plan = sm.planned(path, method, "cuda")
         assert plan["phases"]["train"] > 0 and plan["total"] >= plan["phases"]["train"]
     assert sm.fit([2, 4], [10.0, 16.0]) == (4.0, 3.0)  # fixed + per layer x layers
-
