@@ -21,6 +21,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.models import load_model
+from harness.paths import replaced
 from harness.quant.linear import QuantLinear
 from harness.quant.modules import quantized_modules, replace_linears
 from harness.quant.onebit import OneBitLinear
@@ -55,9 +56,8 @@ def save_packed(model: nn.Module, spec, run_dir: Path) -> Path:
             "spec": spec.canonical_json(), "modules": json.dumps(_module_specs(model)),
             "base_fingerprint": _base_fingerprint(model)}
     path = run_dir / PACKED_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
